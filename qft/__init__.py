@@ -8,6 +8,16 @@ from qft.spec import PRESETS, QuantSpec, QuantSpecError, preset
 
 __version__ = "0.1.0"
 
+
+def _install_compat():
+    import os
+    if os.environ.get("QFT_NO_COMPAT") != "1":
+        from qft.compat import install
+        install()
+
+
+_install_compat()
+
 __all__ = ["QuantSpec", "QuantSpecError", "PRESETS", "preset", "quantize_model", "QuantLinear", "load",
            "save", "load_model", "__version__"]
 

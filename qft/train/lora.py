@@ -1,0 +1,266 @@
+"""LoRA over a frozen quantized base, through peft's custom-module dispatch.
+
+Two modes (``LORA_MODES``), both plain peft LoRA layers registered for ``QuantLinear`` with
+``LoraConfig._register_custom_module`` so ``get_peft_model``, adapter saving / loading,
+``merge_and_unload`` and the Trainer work unchanged:
+
+* ``qlora`` (:class:`QLoraLinear`): the base QuantLinear is **packed** (int32 words + scales) and
+  frozen; y = base(x) + s * B A x in float beside it (QLoRA, Dettmers et al. 2023, with qft's
+  integer grid instead of NF4). Least memory. Merging adds s * B A to the dequantized weight and
+  requantizes it, which rounds again: the merged model differs from the trained one (measured in
+  the export report).
+* ``lora-in-quantizer`` (:class:`QuantizerLoraLinear`): the frozen base weight W0 stays in float;
+  the forward uses Q(W0 + s * B A) with a straight-through estimator, so training sees exactly the
+  integers that are exported (exact merge: the merge writes W0 + s B A and the very quantization
+  parameters the forward used). Quantization parameters (``qparams``):
+  ``dynamic`` min-max of the current W0 + s B A each step (times the per-group clip ratios found by
+  the clipping search, if any: BitDistiller's setting); ``fixed`` the base's scale / zero;
+  ``lwc`` learnable clip factors sigmoid(gamma), sigmoid(beta) per group (OmniQuant's LWC), trained
+  with the adapters and saved with them (they are named ``lora_clip_*`` so peft treats them as
+  adapter weights).
+
+Activation fake quant (``spec.act_bits``) applies to the input of both branches, so the merged
+layer computes what was trained. LoRA dropout is applied in ``qlora`` only (the weight-space
+formulation of lora-in-quantizer has no per-input dropout). A bitsandbytes NF4 baseline
+(``bnb-nf4``, peft's own QLoRA path) needs bitsandbytes and CUDA: :func:`require_bnb` says so.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from qft.nn import QuantLinear, quant_linears
+from qft.nn import quant as Q
+
+LORA_MODES = ("qlora", "lora-in-quantizer", "bnb-nf4")
+QPARAM_MODES = ("dynamic", "fixed", "lwc")
+
+
+def _clip_ratios(base: QuantLinear):
+    """Per-group clip ratios (max, min) left on the layer by the clipping search, or (1.0, 1.0)."""
+    r = getattr(base, "qft_clip", None)
+    return (1.0, 1.0) if r is None else r
+
+
+def _act(base: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    sp = base.spec
+    return Q.fake_quant_act(x, sp.act_bits, sp.act_granularity, sp.act_symmetric) if sp.act_bits else x
+
+
+class _QuantLoraMixin:
+    def _get_in_out_features(self, module):
+        return module.in_features, module.out_features
+
+    def _delta(self) -> torch.Tensor | None:
+        """Sum of s * B A over the active adapters, float32 [N, K] (None if no adapter is active)."""
+        delta = None
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            d = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float() * self.scaling[name]
+            delta = d if delta is None else delta + d
+        return delta
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("a LoRA merged into a low-bit grid cannot be unmerged exactly; "
+                                  "reload the adapter onto the original quantized base instead")
+
+
+class QLoraLinear(_QuantLoraMixin, PeftLoraLinear):
+    """peft LoRA beside a frozen (packed) QuantLinear."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        result = base(x)
+        if self.disable_adapters or self.merged:
+            return result
+        xa = _act(base, x)
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self._cast_input_dtype(self.lora_dropout[name](xa), a.weight.dtype)
+            result = result + (b(a(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        base = self.get_base_layer()
+        delta = self._delta()
+        if delta is None or self.merged:
+            return
+        w = base.dequantize(torch.float32) + delta
+        if safe_merge and not torch.isfinite(w).all():
+            raise ValueError(f"{base.layer_name}: NaN/inf in the merged weight; the adapter is broken")
+        cmax, cmin = _clip_ratios(base)
+        if base.scheme == "int":
+            s, z = Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
+            base.requantize(w.to(base.scales.dtype if base.state == "packed" else base.weight.dtype), scale=s, zero=z)
+        else:
+            base.requantize(w)
+        self.merged_adapters.extend(a for a in self.active_adapters if a in self.lora_A)
+
+
+class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
+    """peft LoRA inside the quantizer: y = x_q @ Q(W0 + s B A)^T (+ bias), STE through Q."""
+
+    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_clip_max", "lora_clip_min")
+    qparams_mode = "dynamic"
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        base = self.get_base_layer()
+        if base.state != "fake":
+            raise ValueError(f"{base.layer_name}: lora-in-quantizer needs the base in the fake (float) state; "
+                             f"got {base.state!r}")
+        if "lora_clip_max" not in self._modules:
+            self.lora_clip_max, self.lora_clip_min = nn.ParameterDict(), nn.ParameterDict()
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        if self.qparams_mode == "lwc":
+            if base.scheme != "int":
+                raise ValueError(f"qparams='lwc' needs scheme='int'; layer {base.layer_name} has {base.scheme!r}")
+            g = base.in_features // base.group_size
+            cmax, cmin = _clip_ratios(base)
+            init = lambda c: torch.logit(torch.as_tensor(c, dtype=torch.float32).clamp(0.01, 0.999)  # noqa: E731
+                                         .expand(base.out_features, g).clone())
+            self.lora_clip_max[adapter_name] = nn.Parameter(init(cmax).to(base.weight.device))
+            self.lora_clip_min[adapter_name] = nn.Parameter(init(cmin).to(base.weight.device))
+        self.set_adapter(self.active_adapters)
+
+    def qparams(self, w: torch.Tensor):
+        """(scale, zero) the forward uses for weight ``w`` [N, K] (float32)."""
+        base = self.get_base_layer()
+        name = next((a for a in self.active_adapters if a in self.lora_clip_max), None)
+        if self.qparams_mode == "lwc" and name is not None:
+            return Q.lwc_qparams(w.detach(), self.lora_clip_max[name], self.lora_clip_min[name], base.bits,
+                                 base.group_size, base.symmetric)
+        if self.qparams_mode == "fixed":
+            return base.scale, base.zero
+        cmax, cmin = _clip_ratios(base)
+        with torch.no_grad():
+            if base.scheme == "int":
+                return Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
+            return Q.codebook_qparams(w, base.scheme, base.bits, base.group_size)
+
+    def _weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        w = base.weight.float()
+        delta = None if (self.disable_adapters or self.merged) else self._delta()
+        return w if delta is None else w + delta
+
+    def quantized_weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        w = self._weight()
+        s, z = self.qparams(w)
+        if base.scheme == "int":
+            return Q.fake_quant(w, s, z, base.bits, base.group_size)
+        return Q.fake_quant_codebook(w, s, base.scheme, base.bits, base.group_size)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters or self.merged:
+            return base(x)
+        wq = self.quantized_weight().to(x.dtype)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        return nn.functional.linear(_act(base, x), wq, bias)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        """Write W0 + s B A and the forward's own scale / zero into the base: exact."""
+        if self.merged:
+            return
+        base = self.get_base_layer()
+        w = self._weight()
+        if safe_merge and not torch.isfinite(w).all():
+            raise ValueError(f"{base.layer_name}: NaN/inf in the merged weight; the adapter is broken")
+        s, z = self.qparams(w)
+        base.requantize(w.to(base.weight.dtype), scale=s.detach(), zero=z.detach())
+        base.qft_clip = None
+        self.merged_adapters.extend(a for a in self.active_adapters if a in self.lora_A)
+
+
+def _quantizer_cls(qparams: str):
+    if qparams not in QPARAM_MODES:
+        raise ValueError(f"qparams={qparams!r} is not valid; allowed: {', '.join(QPARAM_MODES)}")
+    return type(f"QuantizerLoraLinear_{qparams}", (QuantizerLoraLinear,), {"qparams_mode": qparams})
+
+
+def require_bnb() -> None:
+    """Raise a clear error unless bitsandbytes and a CUDA device are present (the bnb-nf4 baseline)."""
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("lora mode 'bnb-nf4' needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("lora mode 'bnb-nf4' needs a CUDA GPU (bitsandbytes has no CPU 4-bit path here); "
+                           "use mode 'qlora' or 'lora-in-quantizer' on CPU")
+
+
+def apply_lora(model: nn.Module, mode: str = "lora-in-quantizer", r: int = 16, alpha: float = 32.0,
+               dropout: float = 0.0, target_modules: list[str] | None = None, qparams: str = "dynamic",
+               init: str | bool = True):
+    """Wrap a model whose linears are QuantLinear (``qft.nn.quantize_model``) with peft LoRA.
+
+    ``mode='qlora'`` packs the targeted bases first. Returns the ``PeftModel``; only adapter
+    weights (and ``lwc`` clip factors) are trainable.
+    """
+    if mode not in LORA_MODES:
+        raise ValueError(f"lora mode={mode!r} is not valid; allowed: {', '.join(LORA_MODES)}")
+    if mode == "bnb-nf4":
+        require_bnb()
+        raise ValueError("mode 'bnb-nf4' starts from a float model loaded with BitsAndBytesConfig; "
+                         "use qft.train.lora.apply_bnb_lora(model_path, ...) instead")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"lora r={r!r} is not valid; allowed: a positive integer")
+    layers = dict(quant_linears(model))
+    if not layers:
+        raise ValueError("the model has no QuantLinear; quantize it first (qft.nn.quantize_model or a PTQ method)")
+    names = sorted(layers) if target_modules is None else [n for n in layers
+                                                           if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if not names:
+        raise ValueError(f"lora target_modules={target_modules!r} match no QuantLinear; "
+                         f"examples of names: {sorted(layers)[:4]}")
+    if mode == "qlora":
+        for n in names:
+            layers[n].pack()
+        cls = QLoraLinear
+    else:
+        cls = _quantizer_cls(qparams)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                     init_lora_weights=init)
+    cfg._register_custom_module({QuantLinear: cls})
+    peft_model = get_peft_model(model, cfg)
+    peft_model.qft_lora_mode = mode
+    return peft_model
+
+
+def merge_lora(peft_model) -> nn.Module:
+    """Merge every adapter into its quantized base and return the plain model (QuantLinear layers)."""
+    return peft_model.merge_and_unload()
+
+
+def apply_bnb_lora(model_path: str, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+                   target_modules: list[str] | None = None):
+    """Baseline: peft's own QLoRA over a bitsandbytes NF4 base (CUDA only)."""
+    require_bnb()
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, device_map={"": 0})
+    model = prepare_model_for_kbit_training(model)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                     target_modules=target_modules or "all-linear")
+    return get_peft_model(model, cfg)
+
+
+def lora_summary(model: nn.Module) -> dict:
+    """Counts of trainable and frozen parameters (elements) and bytes of the frozen base."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    buf = sum(b.numel() * b.element_size() for b in model.buffers())
+    fbytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad) + buf
+    return {"trainable": trainable, "frozen": frozen, "frozen_bytes": fbytes,
+            "trainable_pct": 100.0 * trainable / max(1, trainable + frozen)}
