@@ -1,0 +1,129 @@
+"""LoRA over a frozen quantized base: both modes through peft, training, exact merge, errors."""
+
+import pytest
+import torch
+
+from qft.nn import QuantLinear, quant_linears, quantize_model
+from qft.testing import tiny_llama
+from qft.train.lora import QLoraLinear, QuantizerLoraLinear, apply_lora, merge_lora
+
+MODES = [("qlora", "dynamic"), ("lora-in-quantizer", "dynamic"), ("lora-in-quantizer", "fixed"),
+         ("lora-in-quantizer", "lwc")]
+
+
+def _base_state(model):
+    out = {}
+    for n, m in quant_linears(model):
+        for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            out[f"{n}.{k}"] = t.detach().clone()
+    return out
+
+
+def _train(pm, x, steps=4, lr=2e-2):
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr)
+    losses = []
+    pm.train()
+    for _ in range(steps):
+        loss = pm(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    pm.eval()
+    return losses
+
+
+@pytest.mark.parametrize("mode,qparams", MODES)
+def test_training_changes_adapters_only(mode, qparams):
+    model = quantize_model(tiny_llama(), "w4g64")
+    x = torch.randint(0, 256, (2, 24))
+    pm = apply_lora(model, mode, r=4, qparams=qparams)
+    wrapped = [m for m in pm.modules() if isinstance(m, (QLoraLinear, QuantizerLoraLinear))]
+    assert len(wrapped) == 14  # 7 linears x 2 layers
+    base0 = _base_state(pm)
+    trainable = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    if qparams == "lwc":
+        assert any("lora_clip_max" in n for n in trainable)
+    losses = _train(pm, x, steps=8, lr=1e-2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-3:]) < losses[0]
+    after = dict(pm.named_parameters())
+    assert all(not torch.equal(after[n], v) for n, v in trainable.items() if "lora_B" in n)
+    base1 = _base_state(pm)
+    assert base0.keys() == base1.keys()
+    assert all(torch.equal(base0[k], base1[k]) for k in base0)  # frozen base bit-identical
+    if mode == "qlora":
+        assert all(m.state == "packed" for _, m in quant_linears(pm))
+
+
+@pytest.mark.parametrize("qparams", ["dynamic", "fixed", "lwc"])
+def test_lora_in_quantizer_merge_is_exact(qparams):
+    model = quantize_model(tiny_llama(), "w3g32")
+    x = torch.randint(0, 256, (2, 20))
+    pm = apply_lora(model, "lora-in-quantizer", r=4, qparams=qparams)
+    _train(pm, x, steps=3, lr=5e-2)
+    with torch.no_grad():
+        trained = pm(input_ids=x).logits
+    merged = merge_lora(pm)
+    assert not any(isinstance(m, QuantizerLoraLinear) for m in merged.modules())
+    with torch.no_grad():
+        after = merged(input_ids=x).logits
+        for _, m in quant_linears(merged):
+            m.pack()
+        packed = merged(input_ids=x).logits
+    assert torch.equal(trained, after)
+    assert torch.allclose(after, packed, atol=1e-4)
+
+
+def test_qlora_merge_requantizes_and_stays_close():
+    model = quantize_model(tiny_llama(), "w4g64")
+    x = torch.randint(0, 256, (2, 20))
+    pm = apply_lora(model, "qlora", r=4)
+    _train(pm, x, steps=3)
+    with torch.no_grad():
+        trained = pm(input_ids=x).logits
+    merged = merge_lora(pm)
+    layers = dict(quant_linears(merged))
+    assert all(m.state == "packed" for m in layers.values())
+    with torch.no_grad():
+        after = merged(input_ids=x).logits
+    diff = (trained - after).abs().max().item()
+    assert 0 < diff < 0.5 * trained.abs().max().item()  # merging re-rounds: close, not equal
+
+
+def test_adapter_state_dict_holds_no_base_weights():
+    from peft import get_peft_model_state_dict
+    pm = apply_lora(quantize_model(tiny_llama(), "w4g64"), "lora-in-quantizer", r=2, qparams="lwc")
+    sd = get_peft_model_state_dict(pm)
+    assert sd and all("lora_" in k for k in sd)
+    assert any("lora_clip_min" in k for k in sd)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="mode='bogus'"):
+        apply_lora(quantize_model(tiny_llama(), "w4g64"), "bogus")
+    with pytest.raises(ValueError, match="QuantLinear"):
+        apply_lora(tiny_llama(), "qlora")
+    with pytest.raises(ValueError, match="qparams='nope'"):
+        apply_lora(quantize_model(tiny_llama(), "w4g64"), "lora-in-quantizer", qparams="nope")
+    with pytest.raises(ValueError, match="target_modules"):
+        apply_lora(quantize_model(tiny_llama(), "w4g64"), "qlora", target_modules=["nothing"])
+    packed = quantize_model(tiny_llama(), "w4g64", pack=True)
+    with pytest.raises(ValueError, match="fake"):
+        apply_lora(packed, "lora-in-quantizer")
+
+
+def test_bnb_mode_gated_with_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gate does not fire")
+    from qft.train.lora import require_bnb
+    with pytest.raises(RuntimeError, match="bnb-nf4"):
+        require_bnb()
+
+
+def test_targets_subset():
+    pm = apply_lora(quantize_model(tiny_llama(), "w4g64"), "qlora", r=2, target_modules=["q_proj", "v_proj"])
+    wrapped = [m for m in pm.modules() if isinstance(m, QLoraLinear)]
+    assert len(wrapped) == 4
+    assert sum(isinstance(m, QuantLinear) for m in pm.modules()) == 14
