@@ -1,0 +1,32 @@
+"""Self-generation throughput of `qft selfgen` on this machine (tokens/s), a few batch sizes and thread counts.
+
+    python benchmarks/selfgen_throughput.py [--model smollm2-135m] [--n 16] [--seq-len 128]
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from qft.models import load_model
+from qft.train.selfgen import SelfGenConfig, selfgen
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="smollm2-135m")
+ap.add_argument("--n", type=int, default=16)
+ap.add_argument("--seq-len", type=int, default=128)
+ap.add_argument("--batch-sizes", default="4,16")
+ap.add_argument("--threads", default="1,2")
+a = ap.parse_args()
+model, tok = load_model(a.model)
+print(f"| threads | batch | sequences x tokens | seconds | tokens/s |\n|---|---|---|---|---|")
+for th in map(int, a.threads.split(",")):
+    torch.set_num_threads(th)
+    for bs in map(int, a.batch_sizes.split(",")):
+        with tempfile.TemporaryDirectory() as d:
+            t = time.time()
+            selfgen(model, tok, os.path.join(d, "s.jsonl"), SelfGenConfig(n=a.n, seq_len=a.seq_len, batch_size=bs),
+                    progress=False)
+            dt = time.time() - t
+        print(f"| {th} | {bs} | {a.n} x {a.seq_len} | {dt:.1f} | {a.n * a.seq_len / dt:.0f} |", flush=True)
