@@ -29,6 +29,15 @@ __all__ = [
     "pack_signs",
     "unpack_signs",
     "onebit_linear",
+    "quantize_rtn",
+    "quantize_per_token_int8",
+    "quantize_weight_int8",
+    "int8_linear",
+    "kivi_quantize_keys",
+    "kivi_quantize_values",
+    "kivi_dequant_keys",
+    "kivi_dequant_values",
+    "kv_decode_attention",
 ]
 
 
@@ -122,3 +131,139 @@ def onebit_linear(x: torch.Tensor, packed_signs: torch.Tensor, g: torch.Tensor, 
     s = unpack_signs(packed_signs, in_features, dtype=x.dtype)
     y = torch.nn.functional.linear(x * g.to(x.dtype), s) * h.to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Additions (kernels beyond weight-only / OneBit). Everything below is new API; nothing above
+# changed.
+# ------------------------------------------------------------------------------------------------
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False):
+    """Round-to-nearest quantization of W [N, K] into the canonical layout (test / bench helper).
+
+    Returns (qweight int32 [N, ceil(K*bits/32)], scales float32 [N, G], zeros int32 [N, G]).
+    group_size None means per output channel. Symmetric uses z = 2**(bits-1).
+    """
+    n, k = w.shape
+    gs = k if group_size is None else group_size
+    if k % gs:
+        raise ValueError(f"group_size={gs} does not divide in_features={k}")
+    wg = w.float().reshape(n, k // gs, gs)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        z = torch.full(wg.shape[:2], 1 << (bits - 1), dtype=torch.float32, device=w.device)
+        s = wg.abs().amax(-1) / max(1, (1 << (bits - 1)) - 1) if bits > 1 else wg.abs().mean(-1)
+        s = s.clamp(min=1e-8)
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        s = ((hi - lo) / qmax).clamp(min=1e-8)
+        z = torch.round(-lo / s).clamp(0, qmax)
+    u = torch.clamp(torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, qmax)
+    return pack_int32(u.reshape(n, k).to(torch.uint8), bits), s, z.to(torch.int32)
+
+
+def quantize_per_token_int8(x: torch.Tensor):
+    """Per-row (token) dynamic symmetric int8: x [M, K] -> (q int8 [M, K], scale float32 [M]).
+
+    scale = max|x_row| / 127 (at least 1e-8 / 127); q = clamp(floor(x * 127/amax + 0.5), -127, 127).
+    """
+    xf = x.float()
+    amax = xf.abs().amax(-1).clamp(min=1e-8)
+    q = torch.floor(xf * (127.0 / amax).unsqueeze(-1) + 0.5).clamp(-127, 127).to(torch.int8)
+    return q, amax / 127.0
+
+
+def quantize_weight_int8(w: torch.Tensor):
+    """Per-output-channel symmetric int8 for W8A8: W [N, K] -> (int8 [N, K], scales float32 [N])."""
+    s = w.float().abs().amax(-1).clamp(min=1e-8) / 127.0
+    q = torch.round(w.float() / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: y = (q(x) @ W_int8^T) * sx[m] * sw[n] (+ bias), q per-token dynamic int8; x.dtype out."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    q, sx = quantize_per_token_int8(x2)
+    acc = q.double() @ w_int8.double().t()  # exact integer accumulation
+    y = acc * sx.double().unsqueeze(-1) * w_scales.double().unsqueeze(0)
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).reshape(*shape[:-1], w_int8.shape[0])
+
+
+def _minmax_quant(x: torch.Tensor, dim: int, bits: int):
+    """Asymmetric min-max quantization along `dim` (KIVI). Scale / min are rounded to x.dtype first
+    and the integers are computed from the rounded values, so dequant(q) uses what quant used."""
+    qmax = (1 << bits) - 1
+    xf = x.float()
+    mn = xf.amin(dim, keepdim=True)
+    s = ((xf.amax(dim, keepdim=True) - mn) / qmax).clamp(min=1e-6)
+    mn_r, s_r = mn.to(x.dtype), s.to(x.dtype)
+    q = torch.floor((xf - mn_r.float()) / s_r.float() + 0.5).clamp(0, qmax).to(torch.uint8)
+    return q, s_r, mn_r
+
+
+def kivi_quantize_keys(k: torch.Tensor, bits: int, group: int):
+    """KIVI keys: per channel, over groups of `group` tokens. k [..., T, D], T % group == 0.
+
+    Returns (packed int32 [..., T, D*bits/32] packed along D, scale [..., T/group, D], min same).
+    Dequant: k = q * scale + min.
+    """
+    *lead, t, d = k.shape
+    if t % group:
+        raise ValueError(f"key block of {t} tokens is not a multiple of group={group}")
+    kg = k.reshape(*lead, t // group, group, d)
+    q, s, mn = _minmax_quant(kg, -2, bits)
+    packed = pack_int32(q.reshape(-1, d), bits).reshape(*lead, t, -1)
+    return packed, s.squeeze(-2), mn.squeeze(-2)
+
+
+def kivi_quantize_values(v: torch.Tensor, bits: int, group: int):
+    """KIVI values: per token, over groups of `group` channels. v [..., T, D], D % group == 0.
+
+    Returns (packed int32 [..., T, D*bits/32], scale [..., T, D/group], min same).
+    """
+    *lead, t, d = v.shape
+    if d % group:
+        raise ValueError(f"head_dim={d} is not a multiple of group={group}")
+    vg = v.reshape(*lead, t, d // group, group)
+    q, s, mn = _minmax_quant(vg, -1, bits)
+    packed = pack_int32(q.reshape(-1, d), bits).reshape(*lead, t, -1)
+    return packed, s.squeeze(-1), mn.squeeze(-1)
+
+
+def kivi_dequant_keys(packed, scale, mn, bits: int, group: int, head_dim: int):
+    *lead, t, w = packed.shape
+    q = unpack_int32(packed.reshape(-1, w), bits, head_dim).float().reshape(*lead, t // group, group, head_dim)
+    return (q * scale.float().unsqueeze(-2) + mn.float().unsqueeze(-2)).reshape(*lead, t, head_dim)
+
+
+def kivi_dequant_values(packed, scale, mn, bits: int, group: int, head_dim: int):
+    *lead, t, w = packed.shape
+    q = unpack_int32(packed.reshape(-1, w), bits, head_dim).float().reshape(*lead, t, head_dim // group, group)
+    return (q * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).reshape(*lead, t, head_dim)
+
+
+def kv_decode_attention(q: torch.Tensor, kq, k_scale, k_min, vq, v_scale, v_min,
+                        k_res: torch.Tensor, v_res: torch.Tensor, bits: int, group: int,
+                        sm_scale: float | None = None) -> torch.Tensor:
+    """One decode step of attention over a KIVI cache.
+
+    q [B, Hq, D]; quantized part kq/vq [B, Hkv, Tq, D*bits/32] with k_scale/k_min
+    [B, Hkv, Tq/group, D] and v_scale/v_min [B, Hkv, Tq, D/group]; full-precision recent
+    window k_res/v_res [B, Hkv, R, D] (R may be 0). GQA when Hq is a multiple of Hkv.
+    Returns [B, Hq, D] in q.dtype (softmax in fp32).
+    """
+    b, hq, d = q.shape
+    hkv = kq.shape[1]
+    keys = torch.cat([kivi_dequant_keys(kq, k_scale, k_min, bits, group, d), k_res.float()], dim=2)
+    vals = torch.cat([kivi_dequant_values(vq, v_scale, v_min, bits, group, d), v_res.float()], dim=2)
+    rep = hq // hkv
+    keys = keys.repeat_interleave(rep, dim=1)
+    vals = vals.repeat_interleave(rep, dim=1)
+    scale = sm_scale if sm_scale is not None else d ** -0.5
+    att = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
+    p = torch.softmax(att, dim=-1)
+    return torch.einsum("bht,bhtd->bhd", p, vals).to(q.dtype)

@@ -1,0 +1,118 @@
+"""OneBit sign-value linear in Triton: y = ((x * g) @ sign(W)^T) * h (+ bias).
+
+Signs are packed 32 per int32 along K (``reference.pack_signs``; bit 1 = +1), used as is.
+
+* ``_gemv_kernel`` (small M): no multiplies by +-1 at all. ``x * g`` is formed once per K step
+  and each sign bit is moved to bit 31 and XOR-ed into the fp32 bit pattern of ``x * g``
+  (a shift and one 3-input logic op), then summed: ``sum_k sign_k * xg_k``.
+* ``_gemm_kernel`` (larger M): unpacks the signs to +-1 in the activation dtype (exact) and uses
+  ``tl.dot`` in the transposed orientation (weight tile as the register operand), ``h`` and
+  bias in the epilogue.
+
+Simplification: ``x * g`` is recomputed by every program (it is [K], negligible next to W).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import alloc, interpreting
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr, N, K, Kw, stride_xm, stride_ym,
+                 BN: tl.constexpr, BKW: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    BK: tl.constexpr = BKW * 32
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rkw = tl.arange(0, BKW)
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BN, BKW], dtype=tl.float32)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * Kw
+    for k0 in range(0, K, BK):
+        kw = k0 // 32 + rkw
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        xk = k0 + rkw[:, None] * 32 + j[None, :]  # [BKW, 32]
+        xm = xk < K
+        xg = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xm, other=0.0).to(tl.float32) * \
+            tl.load(g_ptr + xk, mask=xm, other=0.0).to(tl.float32)
+        xb = xg.to(tl.int32, bitcast=True)
+        # bit j of the word -> bit 31; sign flips where the bit is 0 (weight -1)
+        sbit = ((w[:, :, None] << (31 - j)[None, None, :]) & -2147483648) ^ -2147483648
+        v = (xb[None, :, :] ^ sbit).to(tl.float32, bitcast=True)
+        acc += tl.sum(v, axis=2)
+    out = tl.sum(acc, axis=1) * tl.load(h_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_m * stride_ym + rn, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr, M, N, K, Kw, stride_xm, stride_ym,
+                 BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    BK: tl.constexpr = BKW * 32
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    rkw = tl.arange(0, BKW)
+    rk = tl.arange(0, BK)
+    j = tl.arange(0, 32)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * Kw
+    for k0 in range(0, K, BK):
+        kw = k0 // 32 + rkw
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        bit = (w[:, :, None] >> j[None, None, :]) & 1
+        sgn = tl.reshape(bit.to(tl.float32) * 2.0 - 1.0, (BN, BK))
+        xk = k0 + rk
+        km = xk < K
+        xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_xm + xk[:, None],
+                     mask=mmask[None, :] & km[:, None], other=0.0).to(tl.float32)
+        xt = xt * tl.load(g_ptr + xk, mask=km, other=0.0).to(tl.float32)[:, None]
+        if UPCAST:
+            acc += tl.dot(sgn, xt)
+        else:
+            acc = tl.dot(sgn.to(dt), xt.to(dt), acc)
+    out = acc * tl.load(h_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None], out.to(y_ptr.dtype.element_ty),
+             mask=nmask[:, None] & mmask[None, :])
+
+
+GEMV_MAX_M = 4
+OVERRIDE: dict = {}
+
+
+def linear(x2: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias=None):
+    m, k = x2.shape
+    n, kw = packed.shape
+    y = alloc((m, n), x2.dtype, x2.device)
+    if m == 0:
+        return y
+    b = bias if bias is not None else h
+    if m <= GEMV_MAX_M:
+        cfg = OVERRIDE.get("gemv", {})
+        bn, bkw, nw = cfg.get("bn", 32), cfg.get("bkw", 8), cfg.get("num_warps", 4)
+        _gemv_kernel[(triton.cdiv(n, bn), m)](x2, packed, g, h, b, y, n, k, kw, x2.stride(0), y.stride(0),
+                                              BN=bn, BKW=bkw, HAS_BIAS=bias is not None, num_warps=nw)
+        return y
+    cfg = OVERRIDE.get("gemm", {})
+    bm = cfg.get("bm") or (16 if m <= 16 else 64 if m <= 64 else 128)
+    bn, bkw = cfg.get("bn", 128), cfg.get("bkw", 2)
+    kwargs = dict(BM=bm, BN=bn, BKW=bkw, HAS_BIAS=bias is not None,
+                  UPCAST=interpreting() or x2.dtype == torch.float32)
+    if not interpreting():
+        kwargs.update(num_warps=cfg.get("num_warps", 8 if bm >= 128 else 4), num_stages=cfg.get("num_stages", 3))
+    _gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](x2, packed, g, h, b, y, m, n, k, kw,
+                                                           x2.stride(0), y.stride(0), **kwargs)
+    return y

@@ -1,0 +1,397 @@
+"""Weight-only W{1,2,3,4,8}A16 Triton kernels over the canonical packed layout.
+
+Idea
+----
+The canonical layout (see ``reference.py``) packs each output row's integers densely along K
+into int32 words. For bits in {1, 2, 4, 8} no value straddles a word, so word ``kw`` of row
+``n`` holds values ``kw*VPW .. kw*VPW+VPW-1`` (``VPW = 32 // bits``) at bit offsets
+``j*bits``: a tile of ``BN`` rows by ``BK // VPW`` words unpacks in registers into a
+``[BN, BK]`` tile in canonical K order (a broadcast shift + mask, then a reshape that keeps the
+values of one word in one thread). The canonical rows are therefore used *as is*: the only
+load-time work (:func:`prepare`) is converting scales and integer zero points to the
+activation dtype (zeros stay exact integers). Bits 3, 5, 6, 7 are re-packed once at load into
+4- or 8-bit containers (simplification: 3-bit weights then move as many bytes as 4-bit ones).
+
+Integer -> float uses the magic-number trick: ``(q | 0x4B000000)`` reinterpreted as fp32 is
+``2**23 + q``; subtracting ``2**23 + z`` is exact, so ``w = (f - zf) * s`` costs one
+shift, one logic op and two float ops per element (no int->float conversion instruction).
+
+Kernels
+-------
+* ``_gemv_kernel``  (small M): one program per (``BN`` rows, m, K split); products summed
+  along K in registers; optional split-K through fp32 atomics. One group per K step
+  (``BK`` divides the group size, or the layer is per-channel).
+* ``_gemm_kernel``  (larger M): computes the transposed product ``acc[BN, BM] = W[BN, BK] @
+  x^T[BK, BM]`` so the dequantized weight tile (produced in registers) is the *left* operand
+  of ``tl.dot``: Hopper's wgmma takes its A operand from registers, B from shared memory.
+  Optional split-K through fp32 atomics.
+* ``_gemm_t_kernel`` (qlora backward): ``grad_x[M, K] = grad_y[M, N] @ W[N, K]`` with the
+  weight dequantized on the fly (no dense weight materialised).
+* ``_dequant_kernel``: packed -> dense ``[N, K]`` (dequantize-then-cuBLAS path for large M,
+  and ``qft.kernels.dequant`` on CUDA).
+
+Group sizes that are not a multiple of 32 (and not per-channel) are not handled here; the
+dispatcher in ``__init__`` falls back to the torch reference for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
+from .reference import pack_int32, unpack_int32
+
+MAGIC = 0x4B000000  # bit pattern of 2.0**23
+TWO23 = 8388608.0
+
+
+# --------------------------------------------------------------------------------------------
+# load-time preparation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PreparedQWeight:
+    """Kernel-ready view of one canonical packed weight (built once by :func:`prepare`)."""
+
+    qweight: torch.Tensor  # int32 [N, Kw] in `bits`-bit containers (canonical tensor when bits in 1,2,4,8)
+    scales: torch.Tensor   # [N, G] in the activation dtype
+    zeros: torch.Tensor    # [N, G] integer zero points, stored in the activation dtype (exact)
+    bits: int              # container bits (1, 2, 4 or 8)
+    orig_bits: int
+    group_size: int        # effective group size (in_features for per-channel)
+    in_features: int
+    out_features: int
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+
+def container_bits(bits: int) -> int:
+    if bits in (1, 2, 4, 8):
+        return bits
+    return 4 if bits == 3 else 8
+
+
+def supported(group_size: int, in_features: int) -> bool:
+    """Whether the Triton kernels handle this grouping (else the caller falls back to torch)."""
+    return group_size == in_features or group_size % 32 == 0
+
+
+def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+            group_size: int, in_features: int, dtype: torch.dtype) -> PreparedQWeight:
+    n = qweight.shape[0]
+    cb = container_bits(bits)
+    if cb != bits:  # re-pack straddling values into 4/8-bit containers (once, at load)
+        qw = pack_int32(unpack_int32(qweight, bits, in_features), cb)
+    else:
+        qw = qweight.contiguous()
+    return PreparedQWeight(qw, scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(), cb, bits,
+                           group_size, in_features, n)
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _unpack(w, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """int32 words [R, C] -> int32 values [R, C * 32 // BITS] in canonical K order."""
+    VPW: tl.constexpr = 32 // BITS
+    sh = tl.arange(0, VPW) * BITS
+    q = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(q, (R, C * VPW))
+
+
+@triton.jit
+def _to_float_minus_zero(q, z):
+    """(q - z) as fp32, exact: magic-number int->float, z broadcast [R, 1] (float, integer valued)."""
+    f = (q | 0x4B000000).to(tl.float32, bitcast=True)
+    return f - (z + 8388608.0)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                 N, K, Kw, G, GS, stride_xm, stride_ym, k_per_split,
+                 BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    VPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VPW
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rkw = tl.arange(0, BKW)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw
+    for k0 in range(k_lo, k_hi, BK):
+        kw = k0 // VPW + rkw
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        q = _unpack(w, BITS, BN, BKW)
+        xk = k0 + rk
+        xv = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xk < K, other=0.0).to(tl.float32)
+        g = k0 // GS
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        d = _to_float_minus_zero(q, z[:, None])
+        acc += tl.sum(d * xv[None, :], axis=1) * s
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    out = y_ptr + pid_m * stride_ym + rn
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=nmask)
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                 M, N, K, Kw, G, GS, stride_xm, stride_ym, k_per_split,
+                 BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BN)
+    num_m = tl.cdiv(M, BM)
+    # grouped ordering: GROUP_N weight tiles are swept against every M tile before moving on
+    width = GROUP_N * num_m
+    group_id = pid // width
+    first_n = group_id * GROUP_N
+    gsz = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % gsz
+    pid_m = (pid % width) // gsz
+    VPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VPW
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    rkw = tl.arange(0, BKW)
+    rk = tl.arange(0, BK)
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw
+    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm
+    for k0 in range(k_lo, k_hi, BK):
+        kw = k0 // VPW + rkw
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        xk = k0 + rk
+        xt = tl.load(x_ptrs + xk[:, None], mask=mmask[None, :] & (xk[:, None] < K), other=0.0)
+        g = k0 // GS
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        q = _unpack(w, BITS, BN, BKW)
+        wd = _to_float_minus_zero(q, z[:, None]) * s[:, None]
+        if UPCAST:
+            acc += tl.dot(wd, xt.to(tl.float32))
+        else:
+            acc = tl.dot(wd.to(dt), xt, acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    out = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask)
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _gemm_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr,
+                   M, N, K, Kw, G, GS, stride_gm, stride_dm,
+                   BITS: tl.constexpr, BM: tl.constexpr, BNR: tl.constexpr, BK: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """dx[M, K] = gy[M, N] @ deq(W)[N, K]; the reduction runs over N (weight rows)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    VPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VPW
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rkw = pid_k * BKW + tl.arange(0, BKW)
+    mmask = rm < M
+    g = (pid_k * BK) // GS
+    dt = g_ptr.dtype.element_ty
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for n0 in range(0, N, BNR):
+        rn = n0 + tl.arange(0, BNR)
+        nmask = rn < N
+        w = tl.load(qw_ptr + rn[:, None].to(tl.int64) * Kw + rkw[None, :],
+                    mask=nmask[:, None] & (rkw[None, :] < Kw), other=0)
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        wd = _to_float_minus_zero(_unpack(w, BITS, BNR, BKW), z[:, None]) * s[:, None]
+        gy = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
+                     mask=mmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(gy.to(tl.float32), wd)
+        else:
+            acc = tl.dot(gy, wd.to(dt), acc)
+    tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (rk[None, :] < K))
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, Kw, G, GS,
+                    BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    VPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VPW
+    rn = pid_n * BN + tl.arange(0, BN)
+    rkw = pid_k * BKW + tl.arange(0, BKW)
+    rk = pid_k * BK + tl.arange(0, BK)
+    nmask = rn < N
+    w = tl.load(qw_ptr + rn[:, None].to(tl.int64) * Kw + rkw[None, :],
+                mask=nmask[:, None] & (rkw[None, :] < Kw), other=0)
+    g = (pid_k * BK) // GS
+    s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+    wd = _to_float_minus_zero(_unpack(w, BITS, BN, BKW), z[:, None]) * s[:, None]
+    tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], wd.to(w_ptr.dtype.element_ty),
+             mask=nmask[:, None] & (rk[None, :] < K))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _step_k(p: PreparedQWeight, cap: int) -> int:
+    """A K step that never straddles a group boundary (and holds whole words)."""
+    vpw = 32 // p.bits
+    if p.n_groups == 1:
+        bk = cap
+    else:
+        bk = largest_pow2_divisor(p.group_size, cap)
+    return max(bk, vpw)
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Sweepable configuration hooks (the benchmark sets these; None = heuristics).
+OVERRIDE: dict = {}
+
+
+def gemv(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bn=None, bk=None, split_k=None,
+         num_warps=None) -> torch.Tensor:
+    m, k = x2.shape
+    n = p.out_features
+    cfg = OVERRIDE.get("gemv", {})
+    bk = bk or cfg.get("bk") or _step_k(p, 512 if p.bits <= 4 else 256)
+    bk = min(bk, _step_k(p, bk))
+    bn = bn or cfg.get("bn") or max(1, min(next_pow2(n), 4096 // bk * (32 // p.bits) // 4, 64))
+    nw = num_warps or cfg.get("num_warps") or 4
+    n_tiles = triton.cdiv(n, bn)
+    if split_k is None:
+        split_k = cfg.get("split_k")
+    if split_k is None:
+        sms = _num_sms(x2.device)
+        split_k = 1
+        while n_tiles * m * split_k < 2 * sms and k // (split_k * 2) >= 4 * bk:
+            split_k *= 2
+    k_per = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
+    split_k = triton.cdiv(k, k_per)
+    atomic = split_k > 1
+    out = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
+    _gemv_kernel[(n_tiles, m, split_k)](
+        x2, p.qweight, p.scales, p.zeros, bias if bias is not None else p.scales, out,
+        n, k, p.qweight.shape[1], p.n_groups, p.group_size, x2.stride(0), out.stride(0), k_per,
+        BITS=p.bits, BN=bn, BK=bk, HAS_BIAS=bias is not None, ATOMIC=atomic, num_warps=nw)
+    return out.to(x2.dtype) if atomic else out
+
+
+def gemm(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bm=None, bn=None, bk=None, split_k=None,
+         num_warps=None, num_stages=None, group_n=8) -> torch.Tensor:
+    m, k = x2.shape
+    n = p.out_features
+    cfg = OVERRIDE.get("gemm", {})
+    if bm is None:
+        bm = cfg.get("bm") or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
+    bn = bn or cfg.get("bn") or (64 if m <= 64 else 128)
+    bk = bk or cfg.get("bk") or (128 if m <= 64 else 64)
+    bk = min(bk, _step_k(p, bk))
+    nw = num_warps or cfg.get("num_warps") or (4 if m <= 64 else 8)
+    ns = num_stages or cfg.get("num_stages") or (4 if m <= 64 else 3)
+    n_tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    if split_k is None:
+        split_k = cfg.get("split_k")
+    if split_k is None:
+        sms = _num_sms(x2.device)
+        split_k = 1
+        while n_tiles * split_k < sms and k // (split_k * 2) >= 4 * bk:
+            split_k *= 2
+    k_per = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
+    split_k = triton.cdiv(k, k_per)
+    atomic = split_k > 1
+    out = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
+    kw = dict(BITS=p.bits, BM=bm, BN=bn, BK=bk, GROUP_N=group_n, HAS_BIAS=bias is not None,
+              ATOMIC=atomic, UPCAST=interpreting() or x2.dtype == torch.float32)
+    if not interpreting():
+        kw.update(num_warps=nw, num_stages=ns)
+    _gemm_kernel[(n_tiles, split_k)](
+        x2, p.qweight, p.scales, p.zeros, bias if bias is not None else p.scales, out,
+        m, n, k, p.qweight.shape[1], p.n_groups, p.group_size, x2.stride(0), out.stride(0), k_per, **kw)
+    return out.to(x2.dtype) if atomic else out
+
+
+def dequant(p: PreparedQWeight, dtype=None) -> torch.Tensor:
+    n, k = p.out_features, p.in_features
+    dtype = dtype or p.scales.dtype
+    out = alloc((n, k), dtype, p.qweight.device)
+    bk = min(128, _step_k(p, 128))
+    bn = 32
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        p.qweight, p.scales, p.zeros, out, n, k, p.qweight.shape[1], p.n_groups, p.group_size,
+        BITS=p.bits, BN=bn, BK=bk)
+    return out
+
+
+def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
+    """dx = gy @ deq(W): [M, N] @ [N, K] -> [M, K], weight dequantized on the fly."""
+    m, n = gy2.shape
+    k = p.in_features
+    bk = min(64, _step_k(p, 64))
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    bnr = 64
+    dx = alloc((m, k), gy2.dtype, gy2.device)
+    kw = dict(BITS=p.bits, BM=bm, BNR=bnr, BK=bk, UPCAST=interpreting() or gy2.dtype == torch.float32)
+    if not interpreting():
+        kw.update(num_warps=4 if bm <= 64 else 8, num_stages=3)
+    _gemm_t_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+        gy2, p.qweight, p.scales, p.zeros, dx, m, n, k, p.qweight.shape[1], p.n_groups, p.group_size,
+        gy2.stride(0), dx.stride(0), **kw)
+    return dx
+
+
+# M thresholds for the dispatcher (the benchmark measures and may move them)
+GEMV_MAX_M = 4
+DEQUANT_CUBLAS_MIN_M = 1 << 30  # set from measurements; fused GEMM by default
+
+
+def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
+    """y = x2 @ deq(W)^T (+ bias) for a 2-D contiguous x2 (last dim = in_features)."""
+    m = x2.shape[0]
+    if m == 0:
+        return x2.new_empty((0, p.out_features))
+    if m <= GEMV_MAX_M:
+        return gemv(x2, p, bias)
+    if m >= DEQUANT_CUBLAS_MIN_M:
+        return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
+    return gemm(x2, p, bias)
