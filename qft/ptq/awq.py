@@ -1,0 +1,262 @@
+"""AWQ: activation-aware weight quantization (per-input-channel scales + clipping search).
+
+Paper: Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration" (MLSys 2024). Input channels that see large activations matter most; scaling such a
+weight column up by s (and the activation down by s) shrinks its relative rounding error. With
+s = mean|x|^alpha (normalized), alpha is grid-searched (``grid`` points in [0, 1)) against the
+output error of the layers fed by that input, measured on a sample of calibration tokens. The
+division by s is folded into the previous operation so the float model is unchanged:
+
+* q/k/v   <- input_layernorm weight          * gate/up <- post_attention_layernorm weight
+* o_proj  <- v_proj output rows. With grouped-query attention one v channel feeds several heads,
+  so the scale is tied across the query heads sharing a kv head (mean of their statistics);
+  skipped with a warning when the head dimensions do not line up.
+* down_proj <- up_proj output rows (act(gate) * up is linear in up).
+
+Then the clipping search: per output row and group, shrink the min-max range by r in
+(1 - max_shrink, 1] (``clip_grid`` steps) and keep the r with the least output error
+sum_t (x_g . (w_g - q_g))^2 on the sampled tokens.
+
+"awq_gptq" composes it with GPTQ: scales found and folded as above, then GPTQ quantizes the scaled
+weights with the Hessian of the scaled inputs, H / (s s^T) (no second calibration pass), using the
+clip-searched grid as static group parameters when ``clip`` is on.
+
+Simplified: the scale search for q/k/v measures the error of the q/k/v outputs (not of the whole
+attention, which needs full sequences); gate/up use the MLP output; every search runs on
+``n_tokens`` sampled rows (per block, from the inputs the quantized model really produces).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from qft.nn import quant as Q
+from qft.ptq.calibrate import BlockContext, make_quant_linear, sequential
+from qft.ptq.gptq import GPTQConfig, check_int_spec, gptq_block
+from qft.registry import METHODS
+from qft.spec import resolve_spec
+
+__all__ = ["AWQConfig", "search_scale", "search_clip", "awq_block", "awq", "awq_gptq"]
+
+
+@dataclass
+class AWQConfig:
+    grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search"})
+    clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
+    clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
+    max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
+    n_tokens: int = field(default=4096, metadata={"help": "calibration tokens sampled per input for the scale search"})
+    clip_tokens: int = field(default=1024, metadata={"help": "of those, tokens used by the clip search"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
+    device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
+
+    def __post_init__(self):
+        for k in ("grid", "clip_grid", "n_tokens", "clip_tokens", "batch_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"awq: {k}={v!r} is not valid; allowed: a positive integer")
+        if not isinstance(self.max_shrink, (int, float)) or not 0 <= self.max_shrink < 1:
+            raise ValueError(f"awq: max_shrink={self.max_shrink!r} is not valid; allowed: a number in [0, 1)")
+
+
+def _qdq(W, bits, gs, symmetric, scale=None, zero=None):
+    if scale is None:
+        scale, zero = Q.minmax_qparams(W, bits, gs, symmetric)
+    return Q.dequantize(Q.quantize(W, scale, zero, bits, gs), scale, zero, gs)
+
+
+@torch.no_grad()
+def search_scale(x: torch.Tensor, xmean: torch.Tensor, W: torch.Tensor, bits: int, gs: int, symmetric: bool,
+                 grid: int = 20, forward=None, tie=None):
+    """Best per-input-channel scale s [K] for weight W [N, K] on tokens x [T, K].
+
+    ``forward(x, W)`` maps inputs and a (stacked) weight to the output whose error is measured
+    (default x @ W^T); ``tie(s)`` may average s over channels that must share one value.
+    Returns (s, alpha, loss); alpha = 0 (s = 1, plain round-to-nearest) is always a candidate.
+    """
+    forward = forward or (lambda a, w: a @ w.t())
+    ref = forward(x, W)
+    best = (None, None, float("inf"))
+    for i in range(grid):
+        alpha = i / grid
+        s = xmean.clamp_min(1e-4).pow(alpha)
+        if tie is not None:
+            s = tie(s)
+        s = s / (s.max() * s.min()).sqrt()
+        Wq = _qdq(W * s, bits, gs, symmetric) / s
+        loss = (forward(x, Wq) - ref).pow(2).mean().item()
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, W: torch.Tensor, bits: int, gs: int, symmetric: bool, grid: int = 20,
+                max_shrink: float = 0.5, row_chunk: int = 256):
+    """Per (row, group) clip ratio minimizing sum_t (x_g . (w_g - q_g))^2. Returns (scale, zero) [N, G]."""
+    N, K = W.shape
+    G = K // gs
+    xg = x.float().reshape(-1, G, gs)
+    ratios = [1 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
+    best_err = torch.full((N, G), float("inf"), device=W.device)
+    best_r = torch.ones(N, G, device=W.device)
+    for r in ratios:
+        s, z = Q.minmax_qparams(W, bits, gs, symmetric, clip_max=r)
+        D = (W - Q.dequantize(Q.quantize(W, s, z, bits, gs), s, z, gs)).reshape(N, G, gs)
+        err = torch.empty(N, G, device=W.device)
+        for a in range(0, N, row_chunk):
+            err[a:a + row_chunk] = torch.einsum("tgk,ngk->tng", xg, D[a:a + row_chunk]).pow(2).sum(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return Q.minmax_qparams(W, bits, gs, symmetric, clip_max=best_r)
+
+
+def _get(block, short):
+    try:
+        return block.get_submodule(short)
+    except AttributeError:
+        return None
+
+
+def _scale_groups(block):
+    """(prev op, [consumer linears], kind) for a Llama-like block; kinds: norm, v_o, up_down."""
+    out = []
+    attn = "self_attn"
+    groups = [("input_layernorm", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], "norm"),
+              (f"{attn}.v_proj", [f"{attn}.o_proj"], "v_o"),
+              ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "norm"),
+              ("mlp.up_proj", ["mlp.down_proj"], "up_down")]
+    for prev, lins, kind in groups:
+        if _get(block, prev) is not None and all(isinstance(_get(block, n), nn.Linear) for n in lins):
+            out.append((prev, lins, kind))
+    return out
+
+
+def _gqa_layout(block, v_short, o_short):
+    """(n_kv, rep, head_dim) when o_proj's inputs line up with v_proj's outputs head by head, else None."""
+    attn = _get(block, v_short.rpartition(".")[0])
+    v, o = _get(block, v_short), _get(block, o_short)
+    hd = getattr(attn, "head_dim", None)
+    if not isinstance(hd, int) or hd < 1 or v.out_features % hd or o.in_features % hd:
+        return None
+    n_kv, n_h = v.out_features // hd, o.in_features // hd
+    if n_h % n_kv:
+        return None
+    return n_kv, n_h // n_kv, hd
+
+
+@torch.no_grad()
+def _fold(block, prev: str, kind: str, s: torch.Tensor, lins: list[str], layout=None):
+    """Divide the previous op by s and multiply the consumers' input columns by s (float-exact)."""
+    p = _get(block, prev)
+    if kind == "norm":
+        p.weight.data = (p.weight.data.float() / s).to(p.weight.dtype)
+    else:
+        sp = s
+        if kind == "v_o":  # s is tied across the heads of a kv group: one value per v output row
+            n_kv, rep, hd = layout
+            sp = s.view(n_kv, rep, hd)[:, 0].reshape(-1)
+        p.weight.data = (p.weight.data.float() / sp[:, None]).to(p.weight.dtype)
+        if p.bias is not None:
+            p.bias.data = (p.bias.data.float() / sp).to(p.bias.dtype)
+    for n in lins:
+        lin = _get(block, n)
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+
+
+def _mlp_forward(block):
+    mlp = _get(block, "mlp")
+    act = getattr(mlp, "act_fn", None)
+    if act is None or _get(block, "mlp.down_proj") is None:
+        return None
+    wd = mlp.down_proj.weight.float()
+
+    def fwd(x, W):  # W = [gate; up] stacked
+        g, u = (x @ W.t()).chunk(2, dim=-1)
+        return (act(g) * u) @ wd.t()
+    return fwd
+
+
+@torch.no_grad()
+def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = None) -> None:
+    """Scale search + fold, clip search, quantize (RTN, or GPTQ when ``then_gptq``) for one block."""
+    spec, block = ctx.spec, ctx.block
+    stats = ctx.collect(hessian=then_gptq is not None, absmean=True, store_tokens=cfg.n_tokens)
+    in_scale = {}  # short name -> s its input was divided by
+    for prev, lins, kind in _scale_groups(block):
+        st = stats.get(lins[0])
+        if st is None or not any(n in ctx.linears for n in lins):
+            continue
+        tie, layout = None, None
+        if kind == "v_o":
+            layout = _gqa_layout(block, prev, lins[0])
+            if layout is None:
+                warnings.warn(f"awq: {ctx.name}: v_proj/o_proj head dims do not line up; o_proj not scaled")
+                continue
+            n_kv, rep, hd = layout
+
+            def tie(s, n_kv=n_kv, rep=rep, hd=hd):
+                return s.view(n_kv, rep, hd).mean(1, keepdim=True).expand(n_kv, rep, hd).reshape(-1)
+        W = torch.cat([_get(block, n).weight.float() for n in lins])
+        gs = spec.group_for(W.shape[1])
+        fwd = _mlp_forward(block) if lins == ["mlp.gate_proj", "mlp.up_proj"] else None
+        s, _alpha, _loss = search_scale(st.tokens, st.mean_abs, W, spec.bits, gs, spec.symmetric, cfg.grid, fwd, tie)
+        _fold(block, prev, kind, s, lins, layout)
+        for n in lins:
+            in_scale[n] = s
+    qparams = {}
+    if cfg.clip:
+        for n, lin in ctx.linears.items():
+            st = stats[n]
+            x = st.tokens[:cfg.clip_tokens]
+            if n in in_scale:
+                x = x / in_scale[n]
+            qparams[n] = search_clip(x, lin.weight.float(), spec.bits, spec.group_for(lin.in_features),
+                                     spec.symmetric, cfg.clip_grid, cfg.max_shrink)
+    if then_gptq is not None:
+        gptq_block(ctx, then_gptq, stats=stats, scales=in_scale, qparams=qparams or None)
+        return
+    for n, lin in list(ctx.linears.items()):
+        W = lin.weight.float()
+        gs = spec.group_for(lin.in_features)
+        s, z = qparams.get(n) or Q.minmax_qparams(W, spec.bits, gs, spec.symmetric)
+        ctx.replace(n, make_quant_linear(lin, spec, f"{ctx.name}.{n}", _qdq(W, spec.bits, gs, spec.symmetric, s, z), s, z))
+
+
+def _split_options(method, options, with_gptq):
+    awq_keys = {f.name for f in fields(AWQConfig)}
+    gptq_keys = {f.name for f in fields(GPTQConfig)} - {"batch_size", "device"} if with_gptq else set()
+    bad = sorted(set(options) - awq_keys - gptq_keys)
+    if bad:
+        raise ValueError(f"{method}: unknown option(s) {bad}; allowed: {sorted(awq_keys | gptq_keys)}")
+    a = AWQConfig(**{k: v for k, v in options.items() if k in awq_keys})
+    g = GPTQConfig(**{k: v for k, v in options.items() if k in gptq_keys}) if with_gptq else None
+    return a, g
+
+
+def _run(method, model, spec, calib, options, with_gptq):
+    spec = resolve_spec(spec)
+    check_int_spec(method, spec)
+    cfg, gcfg = _split_options(method, options, with_gptq)
+    if calib is None:
+        raise ValueError(f"{method} needs calibration data: calib=qft.ptq.calibrate.calib_windows(tokenizer, path)")
+    return sequential(model, calib, spec, lambda ctx: awq_block(ctx, cfg, gcfg), device=cfg.device,
+                      batch_size=cfg.batch_size, desc=method)
+
+
+@METHODS.register("awq")
+def awq(model, spec, calib=None, **options):
+    """AWQ scaling + clip search + round-to-nearest. Options: :class:`AWQConfig`."""
+    return _run("awq", model, spec, calib, options, with_gptq=False)
+
+
+@METHODS.register("awq_gptq")
+def awq_gptq(model, spec, calib=None, **options):
+    """AWQ scaling (and clip grid), then GPTQ. Options: :class:`AWQConfig` + GPTQ's percdamp,
+    block_size, act_order."""
+    return _run("awq_gptq", model, spec, calib, options, with_gptq=True)
