@@ -44,7 +44,7 @@ def test_training_changes_adapters_only(mode, qparams):
     trainable = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     if qparams == "lwc":
-        assert any("lora_clip_max" in n for n in trainable)
+        assert any("lora_clip" in n and "gamma" in n for n in trainable)
     losses = _train(pm, x, steps=8, lr=1e-2)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-3:]) < losses[0]
@@ -97,7 +97,7 @@ def test_adapter_state_dict_holds_no_base_weights():
     pm = apply_lora(quantize_model(tiny_llama(), "w4g64"), "lora-in-quantizer", r=2, qparams="lwc")
     sd = get_peft_model_state_dict(pm)
     assert sd and all("lora_" in k for k in sd)
-    assert any("lora_clip_min" in k for k in sd)
+    assert any("lora_clip" in k and "beta" in k for k in sd)
 
 
 def test_bad_inputs_are_named():

@@ -16,7 +16,7 @@ Two modes (``LORA_MODES``), both plain peft LoRA layers registered for ``QuantLi
   ``dynamic`` min-max of the current W0 + s B A each step (times the per-group clip ratios found by
   the clipping search, if any: BitDistiller's setting); ``fixed`` the base's scale / zero;
   ``lwc`` learnable clip factors sigmoid(gamma), sigmoid(beta) per group (OmniQuant's LWC), trained
-  with the adapters and saved with them (they are named ``lora_clip_*`` so peft treats them as
+  with the adapters and saved with them (they live under ``lora_clip`` so peft treats them as
   adapter weights).
 
 Activation fake quant (``spec.act_bits``) applies to the input of both branches, so the merged
@@ -26,6 +26,8 @@ formulation of lora-in-quantizer has no per-input dropout). A bitsandbytes NF4 b
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -104,10 +106,41 @@ class QLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         self.merged_adapters.extend(a for a in self.active_adapters if a in self.lora_A)
 
 
-class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
-    """peft LoRA inside the quantizer: y = x_q @ Q(W0 + s B A)^T (+ bias), STE through Q."""
+class ClipFactors(nn.Module):
+    """Learnable per-group clip factors (OmniQuant LWC): forward() -> (sigmoid(gamma), sigmoid(beta)).
 
-    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_clip_max", "lora_clip_min")
+    A module (not bare parameters) so DeepSpeed ZeRO-3 gathers them through its forward hooks."""
+
+    def __init__(self, out_features: int, groups: int, init_max=1.0, init_min=1.0, device=None):
+        super().__init__()
+
+        def logit(c):
+            c = torch.as_tensor(c, dtype=torch.float32).clamp(0.01, 0.999)
+            return torch.logit(c.expand(out_features, groups).clone()).to(device)
+        self.gamma, self.beta = nn.Parameter(logit(init_max)), nn.Parameter(logit(init_min))
+
+    def forward(self):
+        return torch.sigmoid(self.gamma), torch.sigmoid(self.beta)
+
+
+def _gathered(*params):
+    """All-gather ZeRO-3-partitioned (frozen) parameters for direct access; a no-op otherwise."""
+    ps = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not ps:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(ps, modifier_rank=None)
+
+
+class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
+    """peft LoRA inside the quantizer: y = x_q @ Q(W0 + s B A)^T (+ bias), STE through Q.
+
+    Trainable tensors are only reached through module calls (B A is computed as lora_B(lora_A(I)),
+    clip factors through :class:`ClipFactors`), so DeepSpeed ZeRO-3 gathers and reduces them; the
+    frozen W0 / bias are all-gathered explicitly when partitioned.
+    """
+
+    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_clip",)
     qparams_mode = "dynamic"
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
@@ -115,27 +148,35 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         if base.state != "fake":
             raise ValueError(f"{base.layer_name}: lora-in-quantizer needs the base in the fake (float) state; "
                              f"got {base.state!r}")
-        if "lora_clip_max" not in self._modules:
-            self.lora_clip_max, self.lora_clip_min = nn.ParameterDict(), nn.ParameterDict()
+        if "lora_clip" not in self._modules:
+            self.lora_clip = nn.ModuleDict()
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
         if self.qparams_mode == "lwc":
             if base.scheme != "int":
                 raise ValueError(f"qparams='lwc' needs scheme='int'; layer {base.layer_name} has {base.scheme!r}")
-            g = base.in_features // base.group_size
             cmax, cmin = _clip_ratios(base)
-            init = lambda c: torch.logit(torch.as_tensor(c, dtype=torch.float32).clamp(0.01, 0.999)  # noqa: E731
-                                         .expand(base.out_features, g).clone())
-            self.lora_clip_max[adapter_name] = nn.Parameter(init(cmax).to(base.weight.device))
-            self.lora_clip_min[adapter_name] = nn.Parameter(init(cmin).to(base.weight.device))
+            self.lora_clip[adapter_name] = ClipFactors(base.out_features, base.in_features // base.group_size,
+                                                       cmax, cmin, device=base.scale.device)
         self.set_adapter(self.active_adapters)
+
+    def _delta(self) -> torch.Tensor | None:
+        delta = None
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            eye = torch.eye(self.in_features, dtype=a.weight.dtype, device=a.weight.device)
+            d = b(a(eye)).t().float() * self.scaling[name]  # (B A) through the modules
+            delta = d if delta is None else delta + d
+        return delta
 
     def qparams(self, w: torch.Tensor):
         """(scale, zero) the forward uses for weight ``w`` [N, K] (float32)."""
         base = self.get_base_layer()
-        name = next((a for a in self.active_adapters if a in self.lora_clip_max), None)
+        name = next((a for a in self.active_adapters if a in self.lora_clip), None)
         if self.qparams_mode == "lwc" and name is not None:
-            return Q.lwc_qparams(w.detach(), self.lora_clip_max[name], self.lora_clip_min[name], base.bits,
-                                 base.group_size, base.symmetric)
+            cmax, cmin = self.lora_clip[name]()
+            return Q.minmax_qparams(w.detach(), base.bits, base.group_size, base.symmetric, cmax, cmin)
         if self.qparams_mode == "fixed":
             return base.scale, base.zero
         cmax, cmin = _clip_ratios(base)
@@ -146,7 +187,8 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
 
     def _weight(self) -> torch.Tensor:
         base = self.get_base_layer()
-        w = base.weight.float()
+        with _gathered(base.weight):
+            w = base.weight.float().clone()
         delta = None if (self.disable_adapters or self.merged) else self._delta()
         return w if delta is None else w + delta
 
@@ -163,7 +205,8 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         if self.disable_adapters or self.merged:
             return base(x)
         wq = self.quantized_weight().to(x.dtype)
-        bias = None if base.bias is None else base.bias.to(x.dtype)
+        with _gathered(base.bias):
+            bias = None if base.bias is None else base.bias.to(x.dtype).clone()
         return nn.functional.linear(_act(base, x), wq, bias)
 
     @torch.no_grad()
