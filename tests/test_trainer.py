@@ -1,0 +1,157 @@
+"""DistillTrainer: trains LoRA over a quantized base against a frozen teacher; accumulation
+equivalence; checkpoints without the teacher; CAKLD confidence; recipe validation."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qft.nn import quantize_model
+from qft.testing import tiny_llama
+from qft.train.args import DistillArgs, RecipeError, Recipe, apply_overrides
+from qft.train.confidence import confidence_terms, estimate_confidence
+from qft.train.data import Collator, TokenDataset
+from qft.train.lora import apply_lora
+from qft.train.trainer import DistillTrainer
+
+
+def _data(n=8, L=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 256, (L - (i % 3),), generator=g).tolist() for i in range(n)]  # ragged: padding
+    return TokenDataset(seqs), Collator(pad_token_id=258)
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                report_to="none", save_strategy="no", logging_steps=1, remove_unused_columns=False,
+                dataloader_drop_last=True, seed=0, data_seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _student(teacher, mode="lora-in-quantizer"):
+    return apply_lora(quantize_model(copy.deepcopy(teacher), "w4g64"), mode, r=4)
+
+
+def test_confidence_terms_hand_computed():
+    logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]]]))
+    labels = torch.tensor([[1, -100]])
+    s, n = confidence_terms(logits, labels, "top1")
+    assert n.item() == 1 and s.item() == pytest.approx(0.7, rel=1e-5)
+    s, n = confidence_terms(logits, labels, "target")
+    assert s.item() == pytest.approx(0.2, rel=1e-5)
+    with pytest.raises(ValueError, match="definition='bad'"):
+        confidence_terms(logits, labels, "bad")
+
+
+@pytest.mark.parametrize("mode", ["qlora", "lora-in-quantizer"])
+def test_distill_trainer_trains_adapters(tmp_path, mode):
+    teacher = tiny_llama()
+    student = _student(teacher, mode)
+    ds, coll = _data()
+    before = {n: p.detach().clone() for n, p in student.named_parameters() if "lora_B" in n}
+    tr = DistillTrainer(model=student, args=_args(tmp_path, max_steps=3), train_dataset=ds, data_collator=coll,
+                        teacher=teacher, distill=DistillArgs(loss="cakld", confidence_batches=2))
+    assert 0 < tr.confidence < 1
+    out = tr.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    after = dict(student.named_parameters())
+    assert all(not torch.equal(after[n], v) for n, v in before.items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_confidence_matches_direct_estimate(tmp_path):
+    teacher = tiny_llama()
+    ds, coll = _data()
+    tr = DistillTrainer(model=_student(teacher), args=_args(tmp_path), train_dataset=ds, data_collator=coll,
+                        teacher=teacher, distill=DistillArgs(loss="cakld", confidence_def="target",
+                                                             confidence_batches=1))
+    batch = next(iter(tr.get_train_dataloader()))
+    assert tr.confidence == pytest.approx(estimate_confidence(teacher, [batch], "target", 1), rel=1e-5)
+
+
+def _one_step_weights(tmp_path, bs, ga, loss="forward_kl"):
+    teacher = tiny_llama()
+    torch.manual_seed(0)
+    student = _student(teacher)
+    for n, p in student.named_parameters():  # non-zero B so every parameter gets a gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 1000))
+    ds, coll = _data(n=4)
+    args = _args(tmp_path / f"{bs}_{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                 max_steps=1, optim="sgd", lr_scheduler_type="constant", learning_rate=1.0, max_grad_norm=0.0)
+    tr = DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=coll, teacher=teacher,
+                        distill=DistillArgs(loss=loss))
+    tr.train()
+    return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_equivalence(tmp_path):
+    """One step of batch 4 == one step of 2 micro-batches of 2 (ragged padding: token-weighted)."""
+    a = _one_step_weights(tmp_path, 4, 1)
+    b = _one_step_weights(tmp_path, 2, 2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_checkpoint_holds_student_adapters_only(tmp_path):
+    teacher = tiny_llama()
+    student = _student(teacher)
+    ds, coll = _data()
+    tr = DistillTrainer(model=student, args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+                        train_dataset=ds, data_collator=coll, teacher=teacher, distill=DistillArgs(loss="forward_kl"))
+    tr.train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert ckpt.is_dir()
+    sd = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert sd and all("lora_" in k for k in sd)
+    files = [f for f in ckpt.rglob("*") if f.is_file()]
+    assert all("teacher" not in f.name for f in files)
+    tensors = list(sd.values())
+    for f in files:
+        if f.suffix == ".pt":
+            obj = torch.load(f, weights_only=False)
+            stack = [obj]
+            while stack:
+                o = stack.pop()
+                if isinstance(o, torch.Tensor):
+                    tensors.append(o)
+                elif isinstance(o, dict):
+                    stack.extend(o.values())
+                elif isinstance(o, (list, tuple)):
+                    stack.extend(o)
+    big = {tuple(p.shape) for p in teacher.parameters() if p.dim() == 2}  # embeddings, projections
+    assert not [t.shape for t in tensors if tuple(t.shape) in big]
+    assert sum(t.numel() for t in tensors) < sum(p.numel() for p in teacher.parameters()) / 2
+
+
+def test_ce_needs_no_teacher_and_kl_does(tmp_path):
+    teacher = tiny_llama()
+    ds, coll = _data()
+    tr = DistillTrainer(model=_student(teacher), args=_args(tmp_path, max_steps=1), train_dataset=ds,
+                        data_collator=coll, distill=DistillArgs(loss="ce"))
+    assert tr.teacher is None
+    tr.train()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillTrainer(model=_student(teacher), args=_args(tmp_path), train_dataset=ds, data_collator=coll,
+                       distill=DistillArgs(loss="forward_kl"))
+
+
+def test_recipe_validation_names_key_and_value():
+    with pytest.raises(RecipeError, match="did you mean 'learning_rate'"):
+        Recipe.from_dict({"learning_rat": 1e-3})
+    with pytest.raises(RecipeError, match="lora: unknown key 'rank'"):
+        Recipe.from_dict({"lora": {"rank": 8}})
+    with pytest.raises(RecipeError, match=r"lora.mode='full'.*qlora"):
+        Recipe.from_dict({"lora": {"mode": "full"}})
+    with pytest.raises(RecipeError, match="distill.loss='kl'"):
+        Recipe.from_dict({"distill": {"loss": "kl"}})
+    with pytest.raises(RecipeError, match="quant"):
+        Recipe.from_dict({"quant": {"bits": 9}})
+    r = Recipe.from_dict(apply_overrides({"quant": "w3g64", "max_steps": 5}, ["lora.r=8", "quant.group_size=32",
+                                                                               "distill.loss=jsd"]))
+    assert r.lora.r == 8 and r.quant.bits == 3 and r.quant.group_size == 32 and r.train["max_steps"] == 5
+    assert r.distill.loss_options() == {"temperature": 1.0, "beta": 0.5}
