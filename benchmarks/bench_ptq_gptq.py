@@ -1,0 +1,193 @@
+"""GPTQ / AWQ / AWQ+GPTQ on SmolLM2-135M, side by side with llm-compressor's GPTQ.
+
+Stages (each writes under --out, default out/bench_ptq; later stages reuse earlier results):
+
+  calib  128 x 512-token windows from ../shared/data/wikitext-2/valid.txt -> calib.pt
+  peer   llm-compressor GPTQ (own venv, benchmarks/llmc_gptq.py) -> llmc-w{b}g64/
+  quant  one qft method -> qft-{method}-w{b}g64/ (dequantized weights of the quantized linears + time)
+  pair   peer then qft GPTQ back-to-back for the same bits (the timing comparison)
+  eval   every result found: ppl on wikitext-2 test and tinyshakespeare (default protocol:
+         20 x 512-token windows, no BOS), KL(FP || quantized) on the same windows; prints the table
+
+Examples:
+  python benchmarks/bench_ptq_gptq.py pair --bits 4
+  python benchmarks/bench_ptq_gptq.py quant --method awq --bits 3
+  python benchmarks/bench_ptq_gptq.py eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CORPORA = {"wikitext-2": DATA / "wikitext-2" / "test.txt", "tinyshakespeare": DATA / "tinyshakespeare" / "input.txt"}
+LLMC_PY = os.environ.get("LLMC_PYTHON", "/work/venv-llmc/bin/python")
+
+
+def load_uptime_load():
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except OSError:
+        return None
+
+
+def stage_calib(out: Path):
+    from qft.models import load_model
+    from qft.ptq.calibrate import calib_windows
+    _, tok = load_model("smollm2-135m")
+    w = calib_windows(tok, DATA / "wikitext-2" / "valid.txt", n=128, seq_len=512)
+    torch.save(w, out / "calib.pt")
+    return w
+
+
+def get_calib(out: Path):
+    p = out / "calib.pt"
+    return torch.load(p) if p.exists() else stage_calib(out)
+
+
+def stage_peer(out: Path, bits: int, gs: int):
+    get_calib(out)
+    from qft.models import resolve
+    model_dir = resolve("smollm2-135m")
+    cmd = [LLMC_PY, str(ROOT / "benchmarks" / "llmc_gptq.py"), "--model", model_dir, "--calib", str(out / "calib.pt"),
+           "--bits", str(bits), "--group-size", str(gs), "--out", str(out / f"llmc-w{bits}g{gs}")]
+    print("$", " ".join(cmd), flush=True)
+    load0 = load_uptime_load()
+    subprocess.run(cmd, check=True)
+    res = json.loads((out / f"llmc-w{bits}g{gs}" / "result.json").read_text())
+    res["load_before"], res["load_after"] = load0, load_uptime_load()
+    (out / f"llmc-w{bits}g{gs}" / "result.json").write_text(json.dumps(res))
+    return res
+
+
+def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict):
+    import qft.ptq  # noqa: F401  (registers methods)
+    from qft.models import load_model
+    from qft.nn import QuantLinear
+    from qft.ptq import run
+    from qft.spec import QuantSpec
+    from safetensors.torch import save_file
+    calib = get_calib(out)
+    model, _ = load_model("smollm2-135m")
+    spec = QuantSpec(bits=bits, group_size=gs, symmetric=False)
+    load0 = load_uptime_load()
+    t0 = time.perf_counter()
+    run(method, model, spec, calib=calib, **options)
+    elapsed = time.perf_counter() - t0
+    print(f"qft {method} w{bits}g{gs}: {elapsed:.1f} s", flush=True)
+    d = out / f"qft-{method}-w{bits}g{gs}"
+    d.mkdir(parents=True, exist_ok=True)
+    # every parameter that differs from the float model may have changed (AWQ folds into norms): save all
+    sd = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            sd[name + ".weight"] = mod.dequantize(torch.float32).contiguous()
+    for k, v in model.state_dict().items():
+        if k.endswith(("norm.weight", "layernorm.weight")):
+            sd[k] = v.contiguous()
+    save_file(sd, str(d / "weights.safetensors"))
+    res = {"method": method, "bits": bits, "group_size": gs, "time_s": elapsed, "options": options,
+           "load_before": load0, "load_after": load_uptime_load()}
+    (d / "result.json").write_text(json.dumps(res))
+    return res
+
+
+def _dense_model(result_dir: Path):
+    from qft.models import load_model
+    model, _ = load_model("smollm2-135m")
+    if result_dir is None:
+        return model
+    if (result_dir / "dense").exists():  # peer: a float HF dir with dequantized weights
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(result_dir / "dense", dtype=torch.float32).eval()
+    from safetensors.torch import load_file
+    sd = load_file(str(result_dir / "weights.safetensors"))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise SystemExit(f"{result_dir}: unexpected tensors {unexpected[:3]}")
+    return model
+
+
+def stage_eval(out: Path, only: list[str] | None, rtn: bool):
+    from qft.eval import EvalProtocol, evaluate, read_text, windows_from_text
+    from qft.models import load_model
+    teacher, tok = load_model("smollm2-135m")
+    proto = EvalProtocol()
+    wins = {c: windows_from_text(tok, read_text(p), proto, source=c) for c, p in CORPORA.items()}
+    cache = out / "eval.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    dirs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "result.json").exists())
+    rows = [("fp", None)] + ([("rtn-w3g64", "rtn3"), ("rtn-w4g64", "rtn4"), ("rtn-w2g64", "rtn2")] if rtn else [])
+    rows += [(p.name, p) for p in dirs]
+    for name, src in rows:
+        if only and name not in only and name != "fp":
+            continue
+        if name in done:
+            continue
+        if src is None:
+            model = teacher
+        elif isinstance(src, str):
+            from qft.ptq import run
+            from qft.spec import QuantSpec
+            model, _ = load_model("smollm2-135m")
+            run("rtn", model, QuantSpec(bits=int(src[-1]), group_size=64))
+        else:
+            model = _dense_model(src)
+        r = {}
+        for c, w in wins.items():
+            e = evaluate(model, w, teacher=None if src is None else teacher, desc=f"{name} {c}")
+            r[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0)}
+            print(name, c, r[c], flush=True)
+        if src is not None and not isinstance(src, str):
+            r["time_s"] = json.loads((src / "result.json").read_text())["time_s"]
+        done[name] = r
+        cache.write_text(json.dumps(done, indent=1))
+    print(f"\nSmolLM2-135M, {proto.describe()}; calibration 128 x 512 tokens of wikitext-2 valid.txt")
+    print("| method | ppl wikitext-2 | ppl tinyshakespeare | KL wikitext-2 | KL tinyshakespeare | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in done.items():
+        t = f"{r['time_s']:.0f}" if "time_s" in r else "-"
+        print(f"| {name} | {r['wikitext-2']['ppl']:.2f} | {r['tinyshakespeare']['ppl']:.2f} | "
+              f"{r['wikitext-2']['kl']:.3f} | {r['tinyshakespeare']['kl']:.3f} | {t} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["calib", "peer", "quant", "pair", "eval"])
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_ptq"))
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--opt", action="append", default=[], help="method option key=value (json value)")
+    ap.add_argument("--only", nargs="*", help="eval: result names to evaluate")
+    ap.add_argument("--rtn", action="store_true", help="eval: add RTN rows")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in a.opt)}
+    if a.stage == "calib":
+        stage_calib(out)
+    elif a.stage == "peer":
+        stage_peer(out, a.bits, a.group_size)
+    elif a.stage == "quant":
+        stage_quant(out, a.method, a.bits, a.group_size, opts)
+    elif a.stage == "pair":
+        p = stage_peer(out, a.bits, a.group_size)
+        q = stage_quant(out, "gptq", a.bits, a.group_size, opts)
+        print(f"back-to-back w{a.bits}g{a.group_size}: llm-compressor {p['time_s']:.1f} s, qft {q['time_s']:.1f} s "
+              f"(load average before: {p['load_before']}, {q['load_before']})")
+    else:
+        stage_eval(out, a.only, a.rtn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
