@@ -1,0 +1,109 @@
+"""OneBit initialization quality on SmolLM2-135M: perplexity and KL right after SVID, against
+sign-only with a per-row scale and against RTN at 1 and 2 bits (no training anywhere).
+
+    python benchmarks/bench_onebit.py [--rows fp,rtn2g64,...] [--n-windows 20] [--out results.json]
+
+Protocol: qft.eval default (20 x 512-token windows, stride 512, no BOS) on wikitext-2 test and on
+tinyshakespeare (other domain); KL(teacher || model) on the same positions. Calibration data for
+the activation-aware row: 16 x 512 tokens of wikitext-2 *valid*. Every linear layer of the 30
+blocks is replaced; embeddings and the (tied) lm_head stay in full precision. bpw = stored bits per
+weight of the replaced layers (fp16 scales / zeros / value vectors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qft.eval import EvalProtocol, evaluate, read_text, windows_from_text
+from qft.models import load_model
+from qft.nn import quantize_model
+from qft.spec import QuantSpec
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ROWS = {
+    "fp": "full precision (fp32)",
+    "rtn2g64": "RTN 2-bit, group 64 (asym)",
+    "rtn2": "RTN 2-bit, per channel (asym)",
+    "rtn1g64": "RTN 1-bit sign, group 64 (scale = mean |w|)",
+    "rtn1": "RTN 1-bit sign, per channel (= sign x row mean |w|)",
+    "signrow": "OneBit layer, sign x row mean |w| (g = 1)",
+    "svid": "OneBit layer, SVID (power iteration)",
+    "svid_nmf": "OneBit layer, SVID (rank-1 NMF)",
+    "svid_act": "OneBit layer, SVID activation-aware (ours)",
+}
+
+
+def build(row: str, base, calib):
+    from qft.ptq.svid import onebit_svid
+    m = copy.deepcopy(base)
+    if row == "fp":
+        return m, 16.0
+    if row.startswith("rtn"):
+        bits = int(row[3])
+        gs = int(row.split("g")[1]) if "g" in row else None
+        spec = QuantSpec(bits=bits, group_size=gs, scheme="sign" if bits == 1 else "int")
+        quantize_model(m, spec)
+        k = 576
+        overhead = (16 if bits == 1 else 32) / (gs or k)  # fp16 scale (+ zero for int)
+        return m, bits + overhead
+    opts = {"signrow": dict(init="sign_rowmean"), "svid": {}, "svid_nmf": dict(decomposition="nmf"),
+            "svid_act": dict(act_aware=True)}[row]
+    onebit_svid(m, "w1", calib=calib, **opts)
+    from qft.nn.onebit import onebit_layers
+    layers = [l for _, l in onebit_layers(m)]
+    tot = sum(l.in_features * l.out_features for l in layers)
+    return m, sum(l.bits_per_weight() * l.in_features * l.out_features for l in layers) / tot
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--n-windows", type=int, default=20)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    rows = args.rows.split(",")
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        sys.exit(f"--rows: unknown {bad}; allowed: {', '.join(ROWS)}")
+    torch.manual_seed(0)
+    teacher, tok = load_model("smollm2-135m")
+    proto = EvalProtocol(n_windows=args.n_windows)
+    data = Path(args.data)
+    sets = {"wikitext-2 test": windows_from_text(tok, read_text(data / "wikitext-2" / "test.txt"), proto),
+            "tinyshakespeare": windows_from_text(tok, read_text(data / "tinyshakespeare" / "input.txt"), proto)}
+    calib = windows_from_text(tok, read_text(data / "wikitext-2" / "valid.txt"), EvalProtocol(n_windows=16))
+    results = []
+    print(f"protocol: {proto.describe()}; torch threads {torch.get_num_threads()}", flush=True)
+    for row in rows:
+        t0 = time.time()
+        model, bpw = build(row, teacher, calib)
+        res = {"row": row, "what": ROWS[row], "bpw": round(bpw, 3)}
+        for name, win in sets.items():
+            r = evaluate(model, win, teacher=None if row == "fp" else teacher, desc=f"{row} {name}")
+            res[name] = {"ppl": round(r["ppl"], 2), "kl": round(r.get("kl", 0.0), 3)}
+        res["seconds"] = round(time.time() - t0, 1)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        del model
+    fp = next((r for r in results if r["row"] == "fp"), None)
+    print("\n| method | bpw | wikitext-2 ppl | KL | tinyshakespeare ppl | KL |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        w, s = r["wikitext-2 test"], r["tinyshakespeare"]
+        ratio = (lambda d, k: f" ({d['ppl'] / fp[k]['ppl']:.1f}x)" if fp and r is not fp else "")
+        print(f"| {r['what']} | {r['bpw']:.2f} | {w['ppl']:.2f}{ratio(w, 'wikitext-2 test')} | {w['kl']:.3f} | "
+              f"{s['ppl']:.2f}{ratio(s, 'tinyshakespeare')} | {s['kl']:.3f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"protocol": proto.describe(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
