@@ -12,9 +12,12 @@ load-time work (:func:`prepare`) is converting scales and integer zero points to
 activation dtype (zeros stay exact integers). Bits 3, 5, 6, 7 are re-packed once at load into
 4- or 8-bit containers (simplification: 3-bit weights then move as many bytes as 4-bit ones).
 
-Integer -> float uses the magic-number trick: ``(q | 0x4B000000)`` reinterpreted as fp32 is
-``2**23 + q``; subtracting ``2**23 + z`` is exact, so ``w = (f - zf) * s`` costs one
-shift, one logic op and two float ops per element (no int->float conversion instruction).
+Integer -> float without a conversion instruction: each value is shifted into the fp32
+mantissa and OR-ed with the exponent of 1.0, giving ``f = 1 + q / U`` exactly (``U =
+2**(7+bits)``; one shift and one 3-input logic op per element, see ``_unit_floats``). The GEMV
+then needs one FMA per element: ``sum_j (q_j - z) s x_j = s U (sum_j f_j x_j - (1 + z / U)
+sum_j x_j)``, the bracket per packed word (in-thread), scaled and accumulated per word, reduced
+across threads once at the end. The GEMM dequantizes with one FMA, ``w = f sU - (1 + z/U) sU``.
 
 Kernels
 -------
@@ -45,8 +48,6 @@ import triton.language as tl
 from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
 from .reference import pack_int32, unpack_int32
 
-MAGIC = 0x4B000000  # bit pattern of 2.0**23
-TWO23 = 8388608.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,19 +98,53 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 # jit helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _unpack(w, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
-    """int32 words [R, C] -> int32 values [R, C * 32 // BITS] in canonical K order."""
-    VPW: tl.constexpr = 32 // BITS
-    sh = tl.arange(0, VPW) * BITS
-    q = (w[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(q, (R, C * VPW))
+def _replicate(w, VPW: tl.constexpr):
+    """[R, C] -> [R, C, VPW] copies of each word, the new axis held inside one thread (joins)."""
+    a = tl.join(w, w)
+    if VPW >= 4:
+        a = tl.join(a, a)
+    if VPW >= 8:
+        a = tl.join(a, a)
+    if VPW >= 16:
+        a = tl.join(a, a)
+    if VPW >= 32:
+        a = tl.join(a, a)
+    return tl.reshape(a, (w.shape[0], w.shape[1], VPW))
 
 
 @triton.jit
-def _to_float_minus_zero(q, z):
-    """(q - z) as fp32, exact: magic-number int->float, z broadcast [R, 1] (float, integer valued)."""
-    f = (q | 0x4B000000).to(tl.float32, bitcast=True)
-    return f - (z + 8388608.0)
+def _unit_floats(w, BITS: tl.constexpr):
+    """int32 words [R, C] -> (lo, hi) fp32 [R, C, H] (H = 16 // BITS values per half-word).
+
+    Each value q becomes f = 1 + q * 2**-(7 + BITS) exactly: it is shifted into mantissa bits
+    [16 - BITS, 16) and OR-ed with the exponent of 1.0. Values in the low half-word only need
+    left shifts and those in the high half-word only right shifts, so each element costs one
+    shift and one 3-input logic op (no int->float conversion). ``lo[.., j]`` is value j of the
+    word and ``hi[.., j]`` value H + j; the copies live in one thread (see ``_replicate``).
+    """
+    H: tl.constexpr = 16 // BITS
+    T: tl.constexpr = 16 - BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << T
+    j = tl.arange(0, H).to(tl.uint32)[None, None, :]
+    wr = _replicate(w.to(tl.uint32, bitcast=True), H)
+    lo = (((wr << (T - BITS * j)) & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    hi = (((wr >> (BITS + BITS * j)) & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_tile(w, s, z, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """words [R, C] + per-row scale / integer zero [R] -> fp32 weights [R, C * 32 // BITS].
+
+    With f = 1 + q / U (U = 2**(7 + BITS)): (q - z) * s = f * (s U) - (1 + z / U) * (s U), one FMA
+    per element, accurate to ~2**-16 relative before the cast to the activation dtype.
+    """
+    U: tl.constexpr = 1 << (7 + BITS)
+    s2 = s * U
+    c = (1.0 + z * (1.0 / U)) * s2
+    lo, hi = _unit_floats(w, BITS)
+    f = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (R, C * (32 // BITS)))
+    return f * s2[:, None] - c[:, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,21 +164,29 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     nmask = rn < N
     rkw = tl.arange(0, BKW)
     rk = tl.arange(0, BK)
-    acc = tl.zeros([BN], dtype=tl.float32)
+    H: tl.constexpr = VPW // 2
+    U: tl.constexpr = 1 << (7 + BITS)
+    rj = tl.arange(0, H)
+    acc = tl.zeros([BN, BKW], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw
+    x_row = x_ptr + pid_m * stride_xm
     for k0 in range(k_lo, k_hi, BK):
         kw = k0 // VPW + rkw
         w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
-        q = _unpack(w, BITS, BN, BKW)
-        xk = k0 + rk
-        xv = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xk < K, other=0.0).to(tl.float32)
+        xk = k0 + rkw[:, None] * VPW + rj[None, :]  # [BKW, H]: values 0..H-1 of each word
+        x_lo = tl.load(x_row + xk, mask=xk < K, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + xk + H, mask=xk + H < K, other=0.0).to(tl.float32)
         g = k0 // GS
-        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        d = _to_float_minus_zero(q, z[:, None])
-        acc += tl.sum(d * xv[None, :], axis=1) * s
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32) * U
+        c = 1.0 + tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32) * (1.0 / U)
+        # sum_j (q_j - z) s x_j = s U (sum_j f_j x_j - (1 + z / U) sum_j x_j),  f_j = 1 + q_j / U
+        f_lo, f_hi = _unit_floats(w, BITS)
+        part = tl.sum(f_lo * x_lo[None, :, :], axis=2) + tl.sum(f_hi * x_hi[None, :, :], axis=2)
+        xs = tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1)
+        acc += (part - c[:, None] * xs[None, :]) * s[:, None]
+    acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -193,8 +236,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         g = k0 // GS
         s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        q = _unpack(w, BITS, BN, BKW)
-        wd = _to_float_minus_zero(q, z[:, None]) * s[:, None]
+        wd = _dequant_tile(w, s, z, BITS, BN, BKW)
         if UPCAST:
             acc += tl.dot(wd, xt.to(tl.float32))
         else:
@@ -234,7 +276,7 @@ def _gemm_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr,
                     mask=nmask[:, None] & (rkw[None, :] < Kw), other=0)
         s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        wd = _to_float_minus_zero(_unpack(w, BITS, BNR, BKW), z[:, None]) * s[:, None]
+        wd = _dequant_tile(w, s, z, BITS, BNR, BKW)
         gy = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
                      mask=mmask[:, None] & nmask[None, :], other=0.0)
         if UPCAST:
@@ -261,7 +303,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, Kw, G, GS,
     g = (pid_k * BK) // GS
     s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-    wd = _to_float_minus_zero(_unpack(w, BITS, BN, BKW), z[:, None]) * s[:, None]
+    wd = _dequant_tile(w, s, z, BITS, BN, BKW)
     tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], wd.to(w_ptr.dtype.element_ty),
              mask=nmask[:, None] & (rk[None, :] < K))
 
