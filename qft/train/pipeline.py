@@ -1,0 +1,225 @@
+"""The end-to-end QAT job: teacher -> quantized student -> LoRA -> distill -> merge -> export -> eval.
+
+Steps (each one line of wiring around a module that owns the algorithm):
+
+1. load the full-precision teacher (``qft.models.load_model``);
+2. training data: the recipe's ``data`` block (``qft.train.data``), or, when it names no source,
+   ``selfgen.n`` sequences the teacher writes itself (``qft.train.selfgen``, resumable file in the
+   run directory);
+3. evaluation sets: every ``eval.texts`` file (``eval.n_windows`` x ``eval.seq_len`` windows) and
+   held-out self-generated text (a different seed from training), so the job runs offline;
+4. student = copy of the teacher quantized by ``ptq.method`` (``rtn``, or BitDistiller's ``clip``
+   search calibrated on training sequences); KV-cache fake quant hooks when ``quant.kv_bits``;
+5. LoRA over the frozen quantized base (``lora.mode``), ``DistillTrainer`` with ``distill.loss``;
+6. merge (exact for lora-in-quantizer, re-rounded for qlora), export with ``qft.export.save``
+   (the report holds every number, including the merge's perplexity change), a few generations;
+7. a table of perplexity and KL(teacher || model) for fp / init / before_merge / after_merge.
+
+Under several processes (``accelerate launch``) only training is distributed: evaluation, merge
+and export run on the main process, on a pristine copy of the initial student with the trained
+adapter loaded from the run directory (``trainer.save_model`` gathers ZeRO-3 shards).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from qft.eval import EvalProtocol, evaluate, generate, heldout_selfgen, read_text, windows_from_text
+from qft.nn.kvquant import install_kv_quant, remove_kv_quant
+from qft.train.args import Recipe
+
+STAGES = ("fp", "init", "before_merge", "after_merge")
+
+
+def _log(msg: str) -> None:
+    print(f"[qft train] {msg}", flush=True)
+
+
+def training_data(recipe: Recipe, teacher, tok, out: Path):
+    """(dataset, collator, description) from the data block or self-generated sequences."""
+    from qft.train.data import DataConfig, build_dataset
+    cfg = dict(recipe.data)
+    if not cfg.get("sources"):
+        from qft.train.selfgen import SelfGenConfig, selfgen
+        sg = recipe.selfgen
+        path = out / "selfgen.jsonl"
+        _log(f"self-generating {sg.n} x {sg.seq_len} tokens -> {path}")
+        selfgen(teacher, tok, path, SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed),
+                model_id=recipe.model)
+        cfg = {"sources": [{"type": "selfgen", "path": str(path)}], "seq_len": sg.seq_len, "seed": recipe.seed}
+    dcfg = DataConfig.from_dict(cfg)
+    ds, coll = build_dataset(dcfg, tok)
+    desc = ", ".join(f"{s.type}:{Path(s.path).name}" for s in dcfg.sources)
+    return ds, coll, f"{len(ds)} sequences of <= {dcfg.seq_len} tokens ({desc})"
+
+
+def eval_sets(recipe: Recipe, teacher, tok) -> dict[str, torch.Tensor]:
+    e = recipe.eval
+    sets = {}
+    for t in e.texts:
+        p = Path(t)
+        sets[f"{p.parent.name}/{p.name}"] = windows_from_text(tok, read_text(p), EvalProtocol(e.seq_len, e.n_windows),
+                                                              source=str(p))
+    if e.heldout:
+        sets["heldout-selfgen"] = heldout_selfgen(teacher, tok, e.heldout, e.heldout_len, seed=e.heldout_seed)
+    return sets
+
+
+def calibration(recipe: Recipe, ds, tok) -> torch.Tensor | None:
+    p = recipe.ptq
+    if p.method == "rtn":
+        return None
+    if p.calib_text:
+        from qft.ptq.calibrate import calib_windows
+        return calib_windows(tok, p.calib_text, n=p.calib_samples, seq_len=recipe.selfgen.seq_len)
+    seqs = [ds[i]["input_ids"] for i in range(min(p.calib_samples, len(ds)))]
+    L = min(len(s) for s in seqs)
+    return torch.stack([s[:L] for s in seqs])
+
+
+def quantized_student(recipe: Recipe, teacher, calib):
+    from qft.ptq import run as run_ptq
+    student = copy.deepcopy(teacher)
+    return run_ptq(recipe.ptq.method, student, recipe.quant, calib=calib, **recipe.ptq.options)
+
+
+def measure(model, sets, teacher, stage: str) -> dict:
+    out = {}
+    for name, w in sets.items():
+        r = evaluate(model, w, teacher=None if stage == "fp" else teacher, desc=f"eval {stage} {name}")
+        out[name] = {"ppl": r["ppl"], "kl": r.get("kl", 0.0)}
+        _log(f"{stage:>12} {name}: ppl {r['ppl']:.3f}  KL {out[name]['kl']:.4f}")
+    return out
+
+
+def format_table(results: dict, protocol: str) -> str:
+    sets = list(next(iter(results.values())).keys()) if results else []
+    head = "| stage | " + " | ".join(f"{s} ppl | {s} KL" for s in sets) + " |"
+    sep = "|---|" + "---|---|" * len(sets)
+    rows = [f"| {st} | " + " | ".join(f"{results[st][s]['ppl']:.3f} | {results[st][s]['kl']:.4f}" for s in sets) + " |"
+            for st in STAGES if st in results]
+    return "\n".join([head, sep, *rows, f"\nprotocol: {protocol}"])
+
+
+def _adapter_into(init_student, recipe: Recipe, adapter_dir: Path):
+    """Rebuild the trained PeftModel from a pristine initial student and a saved adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from qft.train.lora import apply_lora
+    L = recipe.lora
+    pm = apply_lora(init_student, L.mode, L.r, L.alpha, L.dropout, L.target_modules, L.qparams)
+    set_peft_model_state_dict(pm, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    return pm
+
+
+def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
+    """Run the whole job; returns the report dict (also written to <output_dir>/results.json)."""
+    from transformers import set_seed
+    from qft.models import load_model
+    from qft.train.lora import apply_lora, lora_summary, merge_lora
+    from qft.train.trainer import DistillTrainer
+
+    t_start = time.time()
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(recipe.seed)
+    spec, L = recipe.quant, recipe.lora
+    targs = recipe.training_arguments()
+    main = targs.process_index == 0
+    distributed = targs.world_size > 1
+
+    teacher, tok = load_model(recipe.model)
+    ds, coll, data_desc = training_data(recipe, teacher, tok, out)
+    _log(f"training data: {data_desc}")
+    sets = eval_sets(recipe, teacher, tok) if main else {}
+    stages = set(recipe.eval.stages)
+    results: dict = {}
+    timings: dict = {}
+
+    t0 = time.time()
+    calib = calibration(recipe, ds, tok)
+    student = quantized_student(recipe, teacher, calib)
+    timings["init_s"] = time.time() - t0
+    _log(f"student: {spec.name} by {recipe.ptq.method} in {timings['init_s']:.1f}s")
+    if spec.kv_bits:
+        install_kv_quant(student, spec)
+    if main and "fp" in stages:
+        results["fp"] = measure(teacher, sets, None, "fp")
+    if main and "init" in stages:
+        results["init"] = measure(student, sets, teacher, "init")
+    pristine = copy.deepcopy(student) if distributed else None
+    eval_teacher = copy.deepcopy(teacher) if distributed else teacher
+
+    if spec.kv_bits:
+        remove_kv_quant(student)  # re-installed on the outermost (LoRA) modules below
+    peft_model = apply_lora(student, L.mode, L.r, L.alpha, L.dropout, L.target_modules, L.qparams)
+    if spec.kv_bits:
+        install_kv_quant(peft_model, spec)
+    summary = lora_summary(peft_model)
+    _log(f"LoRA {L.mode} r={L.r}: {summary['trainable']:,} trainable, frozen base {summary['frozen_bytes'] / 2**20:.1f} MiB")
+    trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, data_collator=coll, teacher=teacher,
+                             distill=recipe.distill)
+    if getattr(trainer, "confidence", None) is not None:
+        _log(f"CAKLD teacher confidence g = {trainer.confidence:.4f} ({recipe.distill.confidence_def})")
+    t0 = time.time()
+    train_out = trainer.train(resume_from_checkpoint=resume or None)
+    timings["train_s"] = time.time() - t0
+    timings["train_steps"] = int(trainer.state.global_step)
+    adapter_dir = out / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if not main:
+        return {}
+    if distributed:
+        peft_model = _adapter_into(pristine, recipe, adapter_dir)
+    peft_model = getattr(peft_model, "module", peft_model)
+    peft_model.eval()
+    if spec.kv_bits:
+        install_kv_quant(peft_model, spec)
+    if "before_merge" in stages:
+        results["before_merge"] = measure(peft_model, sets, eval_teacher, "before_merge")
+    merged = merge_lora(peft_model)
+    merged.qft_spec = spec
+    if spec.kv_bits:
+        install_kv_quant(merged, spec)
+    if "after_merge" in stages:
+        results["after_merge"] = measure(merged, sets, eval_teacher, "after_merge")
+    merge_delta = {}
+    if "before_merge" in results and "after_merge" in results:
+        for s in sets:
+            b, a = results["before_merge"][s]["ppl"], results["after_merge"][s]["ppl"]
+            merge_delta[s] = {"ppl_before_merge": b, "ppl_after_merge": a, "ppl_change": a - b,
+                              "ppl_change_pct": 100.0 * (a - b) / b}
+            _log(f"merge ppl change on {s}: {b:.3f} -> {a:.3f} ({100 * (a - b) / b:+.3f}%)")
+    protocol = (f"text sets: {recipe.eval.n_windows} x {recipe.eval.seq_len}-token windows, no BOS; held-out "
+                f"self-generated: {recipe.eval.heldout} x {recipe.eval.heldout_len} tokens (seed "
+                f"{recipe.eval.heldout_seed})")
+    report = {"recipe": recipe.model, "spec": spec.to_dict(), "lora": vars(L), "ptq": vars(recipe.ptq),
+              "distill": vars(recipe.distill), "confidence": getattr(trainer, "confidence", None),
+              "data": data_desc, "results": results, "merge": merge_delta, "protocol": protocol,
+              "train_loss": train_out.training_loss, "timings": timings, "lora_summary": summary,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    gens = {}
+    for p in recipe.eval.generate:
+        gens[p] = generate(merged, tok, p, max_new_tokens=32)
+        _log(f"generate: {p!r} -> {gens[p]!r}")
+    report["generations"] = gens
+    if recipe.export.enabled:
+        from qft.export import save
+        path = save(merged, out / "model", tokenizer=tok, format=recipe.export.format, overwrite=True,
+                    report={k: report[k] for k in ("results", "merge", "protocol", "spec", "timings")})
+        report["export"] = str(path)
+        _log(f"exported -> {path}")
+    timings["total_s"] = time.time() - t_start
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    table = format_table(results, protocol)
+    print("\n" + table + f"\n(steps {timings['train_steps']}, train {timings['train_s']:.0f}s, "
+          f"total {timings['total_s']:.0f}s)", flush=True)
+    report["table"] = table
+    return report
+
