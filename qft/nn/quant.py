@@ -185,14 +185,17 @@ def qdq_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fa
 
 
 def fake_quant_act(x: torch.Tensor, bits: int, granularity: str = "token", symmetric: bool = True) -> torch.Tensor:
-    """Dynamic activation fake quant (per token over the last dim, or per tensor), STE."""
+    """Dynamic activation fake quant (per token over the last dim, or per tensor), STE.
+
+    The dynamic range is treated as a constant in the backward pass (pure straight-through)."""
     xf = x.float()
+    xd = xf.detach()
     if granularity == "token":
         red = dict(dim=-1, keepdim=True)
-        amax, amin = xf.abs().amax(**red), xf.amin(**red)
-        xmax = xf.amax(**red)
+        amax, amin = xd.abs().amax(**red), xd.amin(**red)
+        xmax = xd.amax(**red)
     else:
-        amax, amin, xmax = xf.abs().amax(), xf.amin(), xf.amax()
+        amax, amin, xmax = xd.abs().amax(), xd.amin(), xd.amax()
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         s = (amax / qmax).clamp_min(1e-8)
