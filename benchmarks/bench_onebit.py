@@ -68,20 +68,22 @@ def main(argv=None):
     ap.add_argument("--n-windows", type=int, default=20)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
     args = ap.parse_args(argv)
     rows = args.rows.split(",")
     bad = [r for r in rows if r not in ROWS]
     if bad:
         sys.exit(f"--rows: unknown {bad}; allowed: {', '.join(ROWS)}")
     torch.manual_seed(0)
-    teacher, tok = load_model("smollm2-135m")
+    teacher, tok = load_model("smollm2-135m", device=args.device)
     proto = EvalProtocol(n_windows=args.n_windows)
     data = Path(args.data)
     sets = {"wikitext-2 test": windows_from_text(tok, read_text(data / "wikitext-2" / "test.txt"), proto),
             "tinyshakespeare": windows_from_text(tok, read_text(data / "tinyshakespeare" / "input.txt"), proto)}
     calib = windows_from_text(tok, read_text(data / "wikitext-2" / "valid.txt"), EvalProtocol(n_windows=16))
     results = []
-    print(f"protocol: {proto.describe()}; torch threads {torch.get_num_threads()}", flush=True)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    print(f"protocol: {proto.describe()}; device: {dev}", flush=True)
     for row in rows:
         t0 = time.time()
         model, bpw = build(row, teacher, calib)
@@ -102,7 +104,8 @@ def main(argv=None):
         print(f"| {r['what']} | {r['bpw']:.2f} | {w['ppl']:.2f}{ratio(w, 'wikitext-2 test')} | {w['kl']:.3f} | "
               f"{s['ppl']:.2f}{ratio(s, 'tinyshakespeare')} | {s['kl']:.3f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"protocol": proto.describe(), "results": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"protocol": proto.describe(), "device": dev, "results": results},
+                                             indent=2))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from qft.nn.onebit import MODES, SURROGATES, onebit_layers
 from qft.ptq.svid import DECOMPOSITIONS, merge_lora, onebit_svid
@@ -52,6 +53,10 @@ class OneBitArgs:
     train_norms: bool = field(default=True, metadata={"help": "also train the model's RMSNorm weights"})
     latent_lr: float = field(default=1e-4, metadata={"help": "learning rate of latent weights (latent mode)"})
     calib_samples: int = field(default=16, metadata={"help": "training sequences used for SVID / LayerNorm calibration"})
+    time_budget_s: float = field(default=0.0, metadata={
+        "help": "> 0: derive max_steps from this many seconds of training, timed on a short probe run "
+                "(the learning-rate schedule then fits the budget); 0 = use max_steps"})
+    probe_steps: int = field(default=12, metadata={"help": "steps of the timing probe (time_budget_s > 0)"})
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -70,6 +75,10 @@ class OneBitArgs:
             bad("latent_lr", "a positive number")
         if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
             bad("calib_samples", "a positive integer")
+        if not isinstance(self.time_budget_s, (int, float)) or self.time_budget_s < 0:
+            bad("time_budget_s", "a number of seconds >= 0")
+        if not isinstance(self.probe_steps, int) or self.probe_steps < 4:
+            bad("probe_steps", "an integer >= 4")
 
 
 def load_onebit_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, OneBitArgs]:
@@ -126,6 +135,37 @@ def _is_onebit_latent(model, pname: str) -> bool:
     return isinstance(mod, OneBitLinear)
 
 
+class _StepTimer(TrainerCallback):
+    """Trainer callback recording the wall time of every optimizer step."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dataset, collator) -> float:
+    """Median seconds per optimizer step over a short run on a copy of the student (warm-up skipped)."""
+    from qft.train.trainer import DistillTrainer
+    probe = copy.deepcopy(student)
+    targs = recipe.training_arguments(max_steps=ob.probe_steps, logging_steps=10 ** 6, disable_tqdm=True)
+    timer = _StepTimer()
+    DistillTrainer(model=probe, args=targs, train_dataset=dataset, data_collator=collator, teacher=teacher,
+                   distill=recipe.distill, callbacks=[timer],
+                   optimizers=(make_optimizer(probe, targs.learning_rate, ob.latent_lr), None)).train()
+    del probe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    steady = sorted(timer.times[2:]) or timer.times
+    return steady[len(steady) // 2]
+
+
 def calib_windows(dataset, n: int) -> torch.Tensor:
     """The first ``n`` training sequences, cut to a common length, as a LongTensor [n, L]."""
     seqs = [dataset[i]["input_ids"] for i in range(min(n, len(dataset)))]
@@ -177,6 +217,13 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     if "init" in stages:
         report["init"] = _evaluate_all(student, teacher, tok, recipe, "init (SVID)", cache)
     targs = recipe.training_arguments()
+    if ob.time_budget_s:
+        sps = probe_seconds_per_step(student, teacher, recipe, ob, dataset, collator)
+        steps = max(1, int(ob.time_budget_s / sps))
+        report["budget"] = {"time_budget_s": ob.time_budget_s, "probe_seconds_per_step": round(sps, 4),
+                            "max_steps": steps}
+        print(f"[onebit] probe: {sps:.3f} s/step -> max_steps={steps} for {ob.time_budget_s:.0f} s", flush=True)
+        targs = recipe.training_arguments(max_steps=steps)
     opt = make_optimizer(student, targs.learning_rate, ob.latent_lr, targs.weight_decay)
     trainer = DistillTrainer(model=student, args=targs, train_dataset=dataset, data_collator=collator,
                              teacher=teacher, distill=recipe.distill, optimizers=(opt, None))
