@@ -127,3 +127,34 @@ def test_targets_subset():
     wrapped = [m for m in pm.modules() if isinstance(m, QLoraLinear)]
     assert len(wrapped) == 4
     assert sum(isinstance(m, QuantLinear) for m in pm.modules()) == 14
+
+
+def test_w4a8kv4_trains_and_kv_hooks_quantize():
+    from qft.nn.kvquant import install_kv_quant, kv_fake_quant, remove_kv_quant
+    from qft.spec import preset
+    spec = preset("w4a8kv4")
+    t = torch.randn(2, 5, 32)
+    q = kv_fake_quant(t, 4, head_dim=16)
+    assert q.shape == t.shape and not torch.equal(q, t)
+    # per token and head: at most 16 distinct levels in each 16-wide head vector
+    assert all(len(torch.unique(q[0, 0, h * 16:(h + 1) * 16])) <= 16 for h in range(2))
+    assert (q - t).abs().max() <= (t.amax() - t.amin()) / 15
+    model = quantize_model(tiny_llama(), spec)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+    pm = apply_lora(model, "lora-in-quantizer", r=4)
+    assert install_kv_quant(pm, spec) == 4  # k_proj, v_proj x 2 layers, outermost (LoRA) modules only
+    with torch.no_grad():
+        kvq = pm(input_ids=x).logits
+    assert not torch.equal(plain, kvq)
+    losses = _train(pm, x, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    merged = merge_lora(pm)
+    install_kv_quant(merged, spec)
+    with torch.no_grad():
+        a = merged(input_ids=x).logits
+    remove_kv_quant(merged)
+    with torch.no_grad():
+        b = merged(input_ids=x).logits
+    assert not torch.equal(a, b)

@@ -155,3 +155,27 @@ def test_recipe_validation_names_key_and_value():
                                                                                "distill.loss=jsd"]))
     assert r.lora.r == 8 and r.quant.bits == 3 and r.quant.group_size == 32 and r.train["max_steps"] == 5
     assert r.distill.loss_options() == {"temperature": 1.0, "beta": 0.5}
+
+
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    import json
+
+    from qft.testing import tiny_tokenizer
+    from qft.train.args import Recipe
+    from qft.train.pipeline import run_pipeline
+    mdir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    recipe = Recipe.from_dict({
+        "model": str(mdir), "output_dir": str(tmp_path / "run"), "quant": "w4g64",
+        "ptq": {"method": "clip", "options": {"n_grid": 4}, "calib_samples": 2},
+        "lora": {"mode": "lora-in-quantizer", "r": 2}, "distill": {"loss": "cakld"},
+        "selfgen": {"n": 4, "seq_len": 16, "batch_size": 4}, "export": {"format": "qft"},
+        "eval": {"heldout": 2, "heldout_len": 16, "generate": ["ab"]},
+        "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1})
+    rep = run_pipeline(recipe)
+    assert set(rep["results"]) == {"fp", "init", "before_merge", "after_merge"}
+    assert rep["merge"]["heldout-selfgen"]["ppl_change"] == 0.0  # lora-in-quantizer: exact merge
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["timings"]["train_steps"] == 2
+    assert "| after_merge |" in capsys.readouterr().out
