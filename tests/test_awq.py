@@ -1,0 +1,124 @@
+"""AWQ: scale search, folding keeps the float model, clip search, composition with GPTQ."""
+
+import pytest
+import torch
+
+from qft.nn import QuantLinear
+from qft.nn import quant as Q
+from qft.ptq import run
+from qft.ptq.awq import _fold, _gqa_layout, _scale_groups, search_clip, search_scale
+from qft.ptq.calibrate import calib_windows
+from qft.spec import QuantSpec
+from qft.testing import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    p = tmp_path_factory.mktemp("c") / "c.txt"
+    p.write_text(SAMPLE_TEXT)
+    return calib_windows(tiny_tokenizer(), p, n=8, seq_len=64)
+
+
+def outlier_inputs(seed=0, t=1024, k=128, n=64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, :6] *= 20  # salient input channels
+    return x, torch.randn(n, k, generator=g)
+
+
+def test_search_scale_protects_salient_channels():
+    x, W = outlier_inputs()
+    s, alpha, loss = search_scale(x, x.abs().mean(0), W, 3, 32, False, grid=20)
+    rtn = (x @ (W - Q.qdq_weight(W, 3, 32)).t()).pow(2).mean().item()
+    assert alpha > 0 and loss < 0.9 * rtn
+    assert s[:6].min() > s[6:].max()  # the outlier channels get the largest scales
+
+
+def test_search_clip_never_worse_than_minmax():
+    x, W = outlier_inputs(seed=1)
+    s, z = search_clip(x, W, 3, 32, False, grid=20, max_shrink=0.5)
+    s0, z0 = Q.minmax_qparams(W, 3, 32, False)
+
+    def err(s, z):
+        D = (W - Q.dequantize(Q.quantize(W, s, z, 3, 32), s, z, 32)).reshape(64, 4, 32)
+        return torch.einsum("tgk,ngk->tng", x.reshape(-1, 4, 32), D).pow(2).sum(0)
+    e, e0 = err(s, z), err(s0, z0)
+    assert (e <= e0 * (1 + 1e-5)).all() and e.sum() < 0.95 * e0.sum()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_fold_keeps_float_block_output(heads, kv_heads):
+    model = tiny_llama(heads=heads, kv_heads=kv_heads)
+    block = model.model.layers[0]
+    for p in block.parameters():  # non-trivial norms
+        p.data += 0.01 * torch.randn_like(p)
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    g = torch.Generator().manual_seed(0)
+    groups = _scale_groups(block)
+    assert [k for _, _, k in groups] == ["norm", "v_o", "norm", "up_down"]
+    for prev, lins, kind in groups:
+        k = block.get_submodule(lins[0]).in_features
+        s = torch.rand(k, generator=g) + 0.5
+        layout = None
+        if kind == "v_o":
+            layout = _gqa_layout(block, prev, lins[0])
+            n_kv, rep, hd = layout
+            assert (n_kv, rep) == (kv_heads, heads // kv_heads)
+            s = s.view(n_kv, rep, hd)[:, :1].expand(n_kv, rep, hd).reshape(-1)  # tied across the group
+        _fold(block, prev, kind, s, lins, layout)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_model(calib):
+    ref = tiny_llama(heads=4, kv_heads=2)
+    with torch.no_grad():
+        fp = ref(input_ids=calib).logits
+    errs = {}
+    for method in ("rtn", "awq", "awq_gptq"):
+        m = tiny_llama(heads=4, kv_heads=2)
+        run(method, m, QuantSpec(bits=3, group_size=32), calib=calib)
+        with torch.no_grad():
+            errs[method] = (m(input_ids=calib).logits - fp).pow(2).mean().item()
+        for q in (x for x in m.modules() if isinstance(x, QuantLinear)):
+            w, s, z, u = q.weight.data.clone(), q.scale.clone(), q.zero.clone(), q.codes()
+            q.requantize(w, scale=s, zero=z)
+            assert torch.equal(q.codes(), u)
+            if method != "rtn":  # the stored weight is the method's grid point
+                assert torch.equal(q.dequantize(torch.float32), w)
+        if method != "rtn":  # scales were folded into the norms
+            assert not torch.equal(m.model.layers[0].input_layernorm.weight, ref.model.layers[0].input_layernorm.weight)
+    assert errs["awq"] < errs["rtn"] and errs["awq_gptq"] < errs["awq"]
+
+
+def test_gqa_misaligned_heads_skip_o_proj_with_warning(calib, monkeypatch):
+    m = tiny_llama(heads=4, kv_heads=2)
+    attn = m.model.layers[0].self_attn
+    attn.head_dim = 24  # does not divide the v/o widths: no head-wise alignment
+    assert _gqa_layout(m.model.layers[0], "self_attn.v_proj", "self_attn.o_proj") is None
+    attn.head_dim = 16
+    import qft.ptq.awq as awq_mod
+    monkeypatch.setattr(awq_mod, "_gqa_layout", lambda *a: None)
+    ref = tiny_llama(heads=4, kv_heads=2)
+    with pytest.warns(UserWarning, match="o_proj not scaled"):
+        run("awq", m, QuantSpec(bits=4, group_size=32), calib=calib, clip=False)
+    # o_proj was not scaled, so with clip off it is plain round-to-nearest of the float weight
+    for layer, layer0 in zip(m.model.layers, ref.model.layers):
+        o, o0 = layer.self_attn.o_proj, layer0.self_attn.o_proj
+        assert torch.equal(o.dequantize(torch.float32), Q.qdq_weight(o0.weight.data, 4, 32))
+        assert not torch.equal(layer.self_attn.q_proj.dequantize(torch.float32),
+                               Q.qdq_weight(layer0.self_attn.q_proj.weight.data, 4, 32))
+
+
+def test_awq_bad_options(calib):
+    m = tiny_llama()
+    with pytest.raises(ValueError, match="awq needs calibration data"):
+        run("awq", m, QuantSpec())
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpha'\]"):
+        run("awq", m, QuantSpec(), calib=calib, alpha=0.5)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['percdamp'\]"):
+        run("awq", m, QuantSpec(), calib=calib, percdamp=0.1)  # a GPTQ option: only for awq_gptq
+    with pytest.raises(ValueError, match="max_shrink=1.5 is not valid"):
+        run("awq_gptq", m, QuantSpec(), calib=calib, max_shrink=1.5)
