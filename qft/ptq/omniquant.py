@@ -1,0 +1,215 @@
+"""OmniQuant: learnable weight clipping + learnable equivalent transformation, block by block
+(Shao et al., 2024, arXiv:2308.13137).
+
+Each decoder block in turn is trained to reproduce the full-precision block's outputs (MSE) on the
+calibration activations, with the weights frozen and only two small sets of parameters learned:
+
+* **LWC** (learnable weight clipping): per group of each linear, clip factors
+  sigmoid(gamma), sigmoid(beta) shrink the max and min of the min-max range
+  (:func:`qft.nn.quant.lwc_qparams`; init 4.0 -> 0.982); gradients flow through the STE.
+* **LET** (learnable equivalent transformation): per input channel of q/k/v (after the input
+  RMSNorm), gate/up (after the post-attention RMSNorm) and o_proj (after v_proj; tied across the
+  query heads that share a kv head with GQA), a scale s with X W^T = (X / s)(W * s)^T, initialized
+  with SmoothQuant's max|X|^0.5 / max|W|^0.5 and learned; the 1/s is folded into the RMSNorm weight
+  or v_proj's rows afterwards, so the deployed model has no extra operation.
+
+The learned block is then frozen into QuantLinear modules (fake state) whose integers are exactly
+those the training forward used. Weight-only (W4A16 g64: LWC; LET off by default, as the paper does
+for weight-only LLaMA) and weight-activation (W6A6, W4A8: LWC + LET, per-token activations from
+``QuantSpec.act_bits``) settings come from the spec.
+
+Simplified: LET is scale-only (the paper also drops the channel-wise shift for LLaMA, whose
+linears have no bias), no query/key scaling inside attention, a fixed number of Adam steps per
+block on minibatches of the calibration windows (the paper: 20 epochs over 128 windows) and the
+teacher output is the FP block on the inputs the already-quantized blocks produce
+(``qft.ptq.calibrate.sequential``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qft.nn import quant as Q
+from qft.nn.qlinear import QuantLinear
+from qft.ptq.smoothquant import decoder_layers, options_to_config, smooth_scales
+from qft.ptq.zeroquant import train_block
+from qft.registry import METHODS
+from qft.spec import QuantSpec, resolve_spec
+
+__all__ = ["OmniQuantConfig", "OmniLinear", "omniquant"]
+
+
+@dataclass
+class OmniQuantConfig:
+    lwc: bool = field(default=True, metadata={"help": "learnable weight clipping"})
+    let: bool | None = field(default=None, metadata={
+        "help": "learnable equivalent transformation; None = on when the spec quantizes activations"})
+    steps: int = field(default=60, metadata={"help": "Adam steps per block"})
+    lwc_lr: float = field(default=1e-2, metadata={"help": "learning rate of the clipping logits"})
+    let_lr: float = field(default=5e-3, metadata={"help": "learning rate of the LET scales"})
+    lwc_init: float = field(default=4.0, metadata={"help": "initial clipping logit (sigmoid(4) = 0.982)"})
+    let_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant alpha of the LET initialization"})
+    train_batch: int = field(default=2, metadata={"help": "calibration windows per step"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward when capturing"})
+    seed: int = field(default=0, metadata={"help": "minibatch order"})
+
+    def __post_init__(self):
+        for k in ("steps", "train_batch", "batch_size"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < (0 if k == "steps" else 1):
+                raise ValueError(f"omniquant {k}={v!r} is not valid; allowed: an integer >= {0 if k == 'steps' else 1}")
+        for k in ("lwc_lr", "let_lr"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"omniquant {k}={getattr(self, k)!r} is not valid; allowed: a positive number")
+
+
+class OmniLinear(nn.Module):
+    """Training view of one linear: frozen W, learnable clip logits, optional LET scales.
+
+    ``in_scale`` multiplies W's columns (and, when ``divide_input``, divides the input: a scale
+    folded into a preceding norm); ``out_scale`` divides W's rows (the producer side of v -> o).
+    """
+
+    def __init__(self, lin: nn.Linear, spec: QuantSpec, lwc: bool, lwc_init: float):
+        super().__init__()
+        self.lin, self.spec = lin, spec
+        self.gs = spec.group_for(lin.in_features)
+        g = lin.in_features // self.gs
+        shape = (lin.out_features, g)
+        self.gamma = nn.Parameter(torch.full(shape, lwc_init, device=lin.weight.device), requires_grad=lwc)
+        self.beta = nn.Parameter(torch.full(shape, lwc_init, device=lin.weight.device), requires_grad=lwc)
+        self.lwc = lwc
+        self.in_scale = self.out_scale = None  # shared nn.Parameters (or callables returning tensors)
+        self.divide_input = False
+
+    def weight(self) -> torch.Tensor:
+        w = self.lin.weight.float()
+        if self.out_scale is not None:
+            w = w / self.out_scale().unsqueeze(1)
+        if self.in_scale is not None:
+            w = w * self.in_scale().unsqueeze(0)
+        return w
+
+    def qparams(self, w):
+        if self.lwc:
+            return Q.lwc_qparams(w, self.gamma, self.beta, self.spec.bits, self.gs, self.spec.symmetric)
+        return Q.minmax_qparams(w, self.spec.bits, self.gs, self.spec.symmetric)
+
+    def forward(self, x):
+        if self.divide_input and self.in_scale is not None:
+            x = x / self.in_scale().to(x.dtype)
+        if self.spec.act_bits:
+            x = Q.fake_quant_act(x, self.spec.act_bits, self.spec.act_granularity, self.spec.act_symmetric)
+        w = self.weight()
+        s, z = self.qparams(w)
+        wq = Q.fake_quant(w, s, z, self.spec.bits, self.gs)
+        return F.linear(x, wq.to(x.dtype), self.lin.bias)
+
+
+def _let_groups(block, rep, head_dim):
+    """(producer, [consumer short names], kind, rep) for the LET pairs of a Llama block."""
+    return [(block.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "norm", 1),
+            (block.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"], "norm", 1),
+            ("self_attn.v_proj", ["self_attn.o_proj"], "linear", rep)]
+
+
+@METHODS.register("omniquant")
+def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.Tensor | None = None,
+              **options) -> nn.Module:
+    """OmniQuant in place: LWC (+ LET when activations are quantized), trained block by block."""
+    cfg = options_to_config(OmniQuantConfig, "omniquant", options)
+    spec = resolve_spec(spec)
+    if spec.scheme != "int":
+        raise ValueError(f"omniquant learns clipping of a uniform integer grid; QuantSpec.scheme={spec.scheme!r} "
+                         f"is not supported (allowed: 'int')")
+    let = bool(spec.act_bits) if cfg.let is None else cfg.let
+    decoder_layers(model)
+    if calib is None or len(calib) == 0:
+        raise ValueError("omniquant needs calibration windows (calib=[n, seq_len] token ids); got none")
+    mc = model.config
+    n_heads, n_kv = mc.num_attention_heads, getattr(mc, "num_key_value_heads", mc.num_attention_heads)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // n_heads
+    rep = n_heads // n_kv
+    from qft.ptq.calibrate import sequential
+    log = {}
+
+    def process(ctx):
+        stats = ctx.collect(hessian=False, absmax=True) if let else {}
+        targets = ctx.forward()
+        views = {short: OmniLinear(lin, spec, cfg.lwc, cfg.lwc_init) for short, lin in ctx.linears.items()}
+        let_params, folds = [], []
+        if let:
+            for prod, cons, kind, r in _let_groups(ctx.block, rep, head_dim):
+                cons = [c for c in cons if c in views]
+                if not cons or cons[0] not in stats:
+                    continue
+                if kind == "linear" and prod not in views:
+                    continue  # v_proj not quantized: leave o_proj's input alone
+                w_amax = torch.stack([views[c].lin.weight.detach().abs().amax(0).float() for c in cons]).amax(0)
+                x_amax = stats[cons[0]].absmax
+                if r > 1:
+                    xs = x_amax.reshape(n_kv, r, head_dim).amax(1).reshape(-1)
+                    ws = w_amax.reshape(n_kv, r, head_dim).amax(1).reshape(-1)
+                    p = nn.Parameter(smooth_scales(xs, ws, cfg.let_alpha))
+                    full = (lambda p=p: p.reshape(n_kv, 1, head_dim).expand(n_kv, r, head_dim).reshape(-1))
+                    views[prod].out_scale = (lambda p=p: p)
+                else:
+                    p = nn.Parameter(smooth_scales(x_amax, w_amax, cfg.let_alpha))
+                    full = (lambda p=p: p)
+                    if kind == "linear":
+                        views[prod].out_scale = (lambda p=p: p)
+                for c in cons:
+                    views[c].in_scale = full
+                    views[c].divide_input = kind == "norm"
+                let_params.append(p)
+                folds.append((prod, cons, kind, p, full))
+        for short, v in views.items():
+            ctx.replace(short, v)
+        groups = []
+        if cfg.lwc:
+            groups.append({"params": [t for v in views.values() for t in (v.gamma, v.beta)], "lr": cfg.lwc_lr})
+        if let_params:
+            groups.append({"params": let_params, "lr": cfg.let_lr})
+        for prm in ctx.block.parameters():
+            prm.requires_grad_(False)
+        for g in groups:
+            for prm in g["params"]:
+                prm.requires_grad_(True)
+        before = _mse(ctx, targets)
+        if groups and cfg.steps:
+            train_block(ctx.block, groups, ctx.inputs, ctx.kwargs, targets, cfg.steps, 0.0, cfg.train_batch,
+                        cfg.seed + ctx.index, desc=f"omniquant {ctx.name}")
+        _freeze(ctx, views, folds, spec)
+        log[ctx.name] = (before, _mse(ctx, targets))
+
+    sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="omniquant")
+    model.qft_omniquant_log = log  # {block: (mse with min-max init, mse after training)}
+    return model
+
+
+@torch.no_grad()
+def _freeze(ctx, views, folds, spec):
+    """Fold LET scales into norms / producer rows and turn every view into a QuantLinear."""
+    final = {short: (v.weight().detach(), *[t.detach() for t in v.qparams(v.weight().detach())])
+             for short, v in views.items()}
+    for prod, _cons, kind, p, _full in folds:
+        if kind == "norm":
+            prod.weight.div_(p.detach().to(prod.weight.dtype))
+    for short, v in views.items():
+        w, s, z = final[short]
+        lin = v.lin
+        lin.weight.data.copy_(w.to(lin.weight.dtype))
+        q = QuantLinear.from_linear(lin, spec, name=f"{ctx.name}.{short}", scale=s, zero=z)
+        ctx.replace(short, q)
+    for prm in ctx.block.parameters():
+        prm.requires_grad_(False)
+
+
+@torch.no_grad()
+def _mse(ctx, targets) -> float:
+    outs = ctx.forward()
+    return sum((o.float() - t.float()).pow(2).mean().item() for o, t in zip(outs, targets)) / len(outs)
