@@ -16,6 +16,7 @@ import math
 
 
 _TARGET = "compressed_tensors.compressors.pack_quantized.base"
+_HF_TARGET = "transformers.quantizers.auto"
 
 
 class _PatchOnImport:
@@ -23,7 +24,7 @@ class _PatchOnImport:
     ``import qft`` stays cheap (importing compressed-tensors takes seconds)."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET:
+        if fullname not in (_TARGET, _HF_TARGET):
             return None
         import sys
         sys.meta_path.remove(self)
@@ -37,7 +38,11 @@ class _PatchOnImport:
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module.PackedQuantizationCompressor)
+            if fullname == _TARGET:
+                _patch(module.PackedQuantizationCompressor)
+            else:
+                from qft.hf_quantizer import register
+                register()
 
         spec.loader.exec_module = exec_and_patch
         return spec
@@ -48,7 +53,11 @@ def install() -> None:
     import sys
     if _TARGET in sys.modules:
         _patch(sys.modules[_TARGET].PackedQuantizationCompressor)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    if _HF_TARGET in sys.modules:
+        from qft.hf_quantizer import register
+        register()
+    if not (_TARGET in sys.modules and _HF_TARGET in sys.modules) and \
+            not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 
 

@@ -133,7 +133,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, format: str 
             cfg["quantization_config"] = {"quant_method": "gptq", "bits": s.bits, "group_size": s.group_size or -1,
                                           "desc_act": False, "sym": s.symmetric, "checkpoint_format": "gptq"}
         else:
-            cfg["quantization_config"] = {"quant_method": "qft", "format": "qft", "version": FORMAT_VERSION}
+            cfg["quantization_config"] = {"quant_method": "qft", "format": "qft", "version": FORMAT_VERSION,
+                                          "modules": modules}
         cfg["qft"] = qblock
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
         gen = getattr(model, "generation_config", None)
@@ -238,6 +239,19 @@ def _build_module(name: str, entry: dict, t: dict, fmt: str, dtype, wfile) -> nn
         return MODULE_TYPES[typ].from_export(entry, t, dtype)
     except (KeyError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{wfile}: cannot rebuild layer '{name}' ({typ}): {e}") from None
+
+
+def build_empty_module(name: str, entry: dict, dtype) -> nn.Module:
+    """An empty packed module of the right shapes for a native-format entry (transformers loading)."""
+    if entry.get("type") == "QuantLinear":
+        spec = QuantSpec.from_dict(entry["spec"])
+        return QuantLinear.packed_empty(entry["in_features"], entry["out_features"], entry["bias"], spec, name,
+                                        dtype=dtype)
+    if entry.get("type") not in MODULE_TYPES:
+        _register_builtin_types()
+    if entry.get("type") not in MODULE_TYPES:
+        raise CheckpointError(f"layer '{name}' has unknown module type {entry.get('type')!r}")
+    return MODULE_TYPES[entry["type"]].from_export(entry, None, dtype)
 
 
 def _register_builtin_types():

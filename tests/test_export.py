@@ -186,3 +186,17 @@ def test_missing_tensor(ckpt):
     save_file(t, ckpt / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensors"):
         load(ckpt)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=32), QuantSpec(bits=4, group_size=32, scheme="nf"),
+                                  QuantSpec(bits=3, group_size=16)])
+def test_native_format_loads_in_transformers_after_import_qft(tmp_path, spec):
+    import qft  # noqa: F401  (registers the "qft" quantizer lazily)
+    from transformers import AutoModelForCausalLM
+    from qft.nn import QuantLinear
+    m = _quantized(spec, tie=True)
+    y = m(X).logits
+    save(m, tmp_path / "ck", format="qft")
+    h = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert isinstance(h.model.layers[0].mlp.up_proj, QuantLinear)
+    assert torch.equal(h(X).logits, y)

@@ -7,7 +7,10 @@ over the columns not yet quantized with the inverse Hessian H^-1, H = 2 X^T X / 
 Cholesky factor U of H^-1 makes this exact and stable; updates are applied lazily in blocks of
 ``block_size`` columns (one rank-1 update per column inside the block, one matmul per block).
 
-Options: dampening (``percdamp`` * mean diag(H) added to the diagonal), groups (per-group min-max
+Options: a per-group grid search (``clip_grid``, on by default): each group's min-max range may
+shrink by up to ``max_shrink``, choosing the ratio with the least diag(H)-weighted rounding error
+(in the spirit of GPTQ's optional MSE grid and AWQ's clip search; plain min-max with clip_grid=0).
+Dampening (``percdamp`` * mean diag(H) added to the diagonal), groups (per-group min-max
 scale/zero), act-order (columns in order of decreasing diag(H)) with *static groups*: each group's
 scale/zero is computed on the original weights in the original column order before permuting, so
 the exported g_idx stays the plain ``k // group_size`` and qft's canonical layout holds the result.
@@ -44,6 +47,9 @@ class GPTQConfig:
     block_size: int = field(default=128, metadata={"help": "columns per lazy-update block"})
     act_order: bool = field(default=True, metadata={
         "help": "quantize columns by decreasing diag(H) (static groups: g_idx stays k // group_size)"})
+    clip_grid: int = field(default=20, metadata={
+        "help": "group grid search: shrink ratios 1, 1 - 1/clip_grid, ... (0 = plain min-max)"})
+    max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of a group's range the search removes"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
@@ -54,6 +60,10 @@ class GPTQConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"gptq: {k}={v!r} is not valid; allowed: a positive integer")
+        if not isinstance(self.clip_grid, int) or isinstance(self.clip_grid, bool) or self.clip_grid < 0:
+            raise ValueError(f"gptq: clip_grid={self.clip_grid!r} is not valid; allowed: an integer >= 0")
+        if not isinstance(self.max_shrink, (int, float)) or not 0 <= self.max_shrink < 1:
+            raise ValueError(f"gptq: max_shrink={self.max_shrink!r} is not valid; allowed: a number in [0, 1)")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"gptq: act_order={self.act_order!r} is not valid; allowed: true or false")
 
@@ -97,6 +107,28 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, perm: torch.Tensor 
                      "use more calibration data or a larger percdamp")
 
 
+def group_qparams(w: torch.Tensor, d: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  clip_grid: int = 20, max_shrink: float = 0.5):
+    """Per-group (scale, zero) [N, G] for w [N, K]: min-max shrunk by the ratio r in
+    {1, 1 - 1/clip_grid, ..., 1 - max_shrink} minimizing sum_k d_k (w_k - q_k)^2 (d = diag(H): the
+    error GPTQ cannot feed back is weighted by how strongly each input fires). clip_grid=0: min-max."""
+    if not clip_grid:
+        return Q.minmax_qparams(w, bits, group_size, symmetric)
+    N, K = w.shape
+    G = K // group_size
+    dg = d.float().reshape(1, G, group_size)
+    best_e = torch.full((N, G), float("inf"), device=w.device)
+    best_r = torch.ones(N, G, device=w.device)
+    for i in range(int(round(max_shrink * clip_grid)) + 1):
+        r = 1 - i / clip_grid
+        s, z = Q.minmax_qparams(w, bits, group_size, symmetric, clip_max=r)
+        e = ((w - Q.dequantize(Q.quantize(w, s, z, bits, group_size), s, z, group_size)).reshape(N, G, group_size)
+             .pow(2) * dg).sum(-1)
+        better = e < best_e
+        best_e, best_r = torch.where(better, e, best_e), torch.where(better, torch.full_like(best_r, r), best_r)
+    return Q.minmax_qparams(w, bits, group_size, symmetric, clip_max=best_r)
+
+
 def _quant_cols(w, s, z, maxq):
     return (torch.clamp(torch.round(w / s) + z, 0, maxq) - z) * s
 
@@ -104,10 +136,12 @@ def _quant_cols(w, s, z, maxq):
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   percdamp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, U: torch.Tensor | None = None) -> GPTQResult:
+                  qparams: tuple[torch.Tensor, torch.Tensor] | None = None, U: torch.Tensor | None = None,
+                  clip_grid: int = 0, max_shrink: float = 0.5) -> GPTQResult:
     """Quantize W [N, K] against the Hessian H [K, K]. ``qparams`` (scale, zero [N, G]) fixes the grid
-    (static groups) instead of min-max; ``U`` reuses a factor from :func:`inverse_hessian_factor`
-    (must have been built with the same act-order permutation)."""
+    (static groups); otherwise each group's grid comes from :func:`group_qparams` (min-max, or the
+    diag(H)-weighted shrink search when ``clip_grid`` > 0). ``U`` reuses a factor from
+    :func:`inverse_hessian_factor` (must have been built with the same act-order permutation)."""
     N, K = W.shape
     if K % group_size:
         raise ValueError(f"gptq: group_size={group_size} does not divide in_features={K}")
@@ -118,13 +152,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     static = act_order or qparams is not None
     if static:
-        scale, zero = qparams if qparams is not None else Q.minmax_qparams(W, bits, group_size, symmetric)
+        scale, zero = qparams if qparams is not None else \
+            group_qparams(W, torch.diag(H), bits, group_size, symmetric, clip_grid, max_shrink)
         scale, zero = scale.float().clone(), zero.float().clone()
     else:
         scale = torch.zeros(N, G, device=W.device)
         zero = torch.zeros(N, G, device=W.device)
     col_group = torch.arange(K, device=W.device) // group_size
+    dH = torch.diag(H)
     if perm is not None:
+        dH = dH[perm]
         W = W[:, perm]
         col_group = col_group[perm]
     if U is None:
@@ -143,7 +180,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             j = i1 + i
             if not static and j % group_size == 0:
                 cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size]
-                s, z = Q.minmax_qparams(cur, bits, group_size, symmetric)
+                s, z = group_qparams(cur, dH[j:j + group_size], bits, group_size, symmetric, clip_grid, max_shrink)
                 scale[:, j // group_size], zero[:, j // group_size] = s[:, 0], z[:, 0]
             if static:
                 s, z = S1[:, i], Z1[:, i]
@@ -191,7 +228,8 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, stats: dict | None = None, sc
         qp = None
         if qparams and all(n in qparams for n in names):
             qp = (torch.cat([qparams[n][0] for n in names]), torch.cat([qparams[n][1] for n in names]))
-        res = gptq_quantize(W, H, spec.bits, gs, spec.symmetric, cfg.percdamp, cfg.block_size, cfg.act_order, qp)
+        res = gptq_quantize(W, H, spec.bits, gs, spec.symmetric, cfg.percdamp, cfg.block_size, cfg.act_order, qp,
+                            clip_grid=cfg.clip_grid, max_shrink=cfg.max_shrink)
         row = 0
         for n in names:
             lin = ctx.linears[n]
