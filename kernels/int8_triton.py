@@ -72,7 +72,7 @@ def _gemm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K,
         if UPCAST:  # CPU interpreter: exact in fp32 at test sizes
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + rm, mask=mmask, other=0.0)
     sb = tl.load(sb_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     out = acc.to(tl.float32) * sa[:, None] * sb[None, :]

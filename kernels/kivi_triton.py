@@ -7,11 +7,14 @@ over groups of ``G`` channels (scale/min ``[.., T, D/G]``); dequant is ``q * sca
 
 * ``_quant_kernel``: one program per (head, G-token block): min/max per channel (keys) and per
   channel group (values), scales rounded to the storage dtype first, integers, pack, store.
-* ``_decode_kernel`` (flash-decoding): programs over (batch x query head, token split). Per
-  G-token tile: ``score_t = sum_d (q*s_k)[d] * qk[t, d] + sum_d q[d] * min_k[d]`` (the key scale
-  is folded into q once per tile), online softmax in base 2, values through
-  ``sum_t (p_t * s_v[t, g]) * qv[t, d] + sum_t p_t * min_v[t, g]``. The last split also covers
-  the full-precision window. Partial (m, l, o) go to a small ``_combine_kernel``.
+* ``_decode_kernel`` (flash-decoding): programs over (batch x query head, token split). Values
+  are unpacked without int->float conversions (``wq_triton._unit_floats``: ``f = 1 + q/U``), so
+  ``k = (U s) f + (min - U s)``. Per G-token tile: the key scale is folded into q once
+  (``score_t = sum_d (q U s_k)[d] f[t, d] + const``), online softmax in base 2 with the
+  accumulators rescaled only when the running max moves, and values accumulated per element
+  (``acc[t, d] += p_t U s_v[t, g] f[t, d]``; the min terms per packed word) and reduced over
+  tokens once at the end. The last split also covers the full-precision window. Partial
+  (m, l, o) go to a small ``_combine_kernel``.
 
 Simplifications: one program per query head (GQA heads re-read their KV head through L2);
 the tile is exactly one key group (``G`` tokens).
@@ -24,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, next_pow2
+from .wq_triton import _unit_floats
 
 
 @triton.jit
@@ -95,7 +99,10 @@ def _decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr
                    Hq, HKV, REP, n_q, n_res, tps, S, sm_scale,
                    sq_b, sq_h, skq_b, skq_h, sks_b, sks_h, svs_b, svs_h, skr_b, skr_h, skr_t,
                    svr_b, svr_h, svr_t,
-                   BITS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, RB: tl.constexpr):
+                   BITS: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """Tiles of G tokens (one key group). Head dims are kept in packed-word order: d = w*VPW + j
+    (lo half, j < H) and w*VPW + H + j (hi half), so unpacked values never leave their thread.
+    k = (U s) f + (min - U s) and v likewise, with f = 1 + q / U from ``_unit_floats``."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // Hq
@@ -103,17 +110,23 @@ def _decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr
     hk = hq // REP
     VPW: tl.constexpr = 32 // BITS
     DW: tl.constexpr = D // VPW
+    H: tl.constexpr = VPW // 2
     NG: tl.constexpr = D // G
-    rd = tl.arange(0, D)
+    U: tl.constexpr = 1 << (7 + BITS)
+    LOG2E: tl.constexpr = 1.4426950408889634
     rt = tl.arange(0, G)
     rw = tl.arange(0, DW)
-    rg = tl.arange(0, NG)
-    sh = (tl.arange(0, VPW) * BITS)[None, None, :]
-    LOG2E: tl.constexpr = 1.4426950408889634
-    qv = tl.load(q_ptr + b * sq_b + hq * sq_h + rd).to(tl.float32) * (sm_scale * LOG2E)
+    d_lo = rw[:, None] * VPW + tl.arange(0, H)[None, :]  # [DW, H]
+    d_hi = d_lo + H
+    gw = (rw * VPW) // G  # value channel group of each word
+    qs = sm_scale * LOG2E
+    q_lo = tl.load(q_ptr + b * sq_b + hq * sq_h + d_lo).to(tl.float32) * qs
+    q_hi = tl.load(q_ptr + b * sq_b + hq * sq_h + d_hi).to(tl.float32) * qs
     m_i = tl.max(tl.full([G], float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros([G], tl.float32), axis=0)
-    acc = tl.zeros([NG, G], dtype=tl.float32)
+    acc_lo = tl.zeros([G, DW, H], dtype=tl.float32)
+    acc_hi = tl.zeros([G, DW, H], dtype=tl.float32)
+    acc_b = tl.zeros([G, DW], dtype=tl.float32)
     kq_base = kq_ptr + b * skq_b + hk * skq_h
     vq_base = vq_ptr + b * skq_b + hk * skq_h
     ks_base = ks_ptr + b * sks_b + hk * sks_h
@@ -124,41 +137,58 @@ def _decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr
     t_hi = tl.minimum(t_lo + tps, n_q)
     for t0 in range(t_lo, t_hi, G):
         tok = t0 + rt
-        kw = tl.load(kq_base + tok[:, None] * DW + rw[None, :])
-        kf = (tl.reshape((kw[:, :, None] >> sh) & ((1 << BITS) - 1), (G, D)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        # ---- keys: per-channel scale of this token group folded into q
+        f_lo, f_hi = _unit_floats(tl.load(kq_base + tok[:, None] * DW + rw[None, :]), BITS)
         g = t0 // G
-        s = tl.load(ks_base + g * D + rd).to(tl.float32)
-        mn = tl.load(km_base + g * D + rd).to(tl.float32)
-        scores = tl.sum(kf * (qv * s)[None, :], axis=1) + tl.sum(qv * mn, axis=0)
+        a_lo = tl.load(ks_base + g * D + d_lo).to(tl.float32) * U
+        a_hi = tl.load(ks_base + g * D + d_hi).to(tl.float32) * U
+        c = tl.sum(tl.sum(q_lo * (tl.load(km_base + g * D + d_lo).to(tl.float32) - a_lo), axis=1), axis=0) + \
+            tl.sum(tl.sum(q_hi * (tl.load(km_base + g * D + d_hi).to(tl.float32) - a_hi), axis=1), axis=0)
+        scores = tl.sum(tl.sum(f_lo * (q_lo * a_lo)[None, :, :] + f_hi * (q_hi * a_hi)[None, :, :], axis=2),
+                        axis=1) + c
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        vw = tl.load(vq_base + tok[:, None] * DW + rw[None, :])
-        vf = (tl.reshape((vw[:, :, None] >> sh) & ((1 << BITS) - 1), (G, NG, G)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        vsc = tl.load(vs_base + tok[:, None] * NG + rg[None, :]).to(tl.float32)
-        vmn = tl.load(vm_base + tok[:, None] * NG + rg[None, :]).to(tl.float32)
-        ps = p[:, None] * vsc
-        acc = acc * alpha + tl.sum(ps[:, :, None] * vf, axis=0) + tl.sum(p[:, None] * vmn, axis=0)[:, None]
-        m_i = m_new
-    if sid == S - 1:
-        rr = tl.arange(0, RB)
-        for r0 in range(0, n_res, RB):
-            tok = r0 + rr
-            tm = tok < n_res
-            kr = tl.load(kr_ptr + b * skr_b + hk * skr_h + tok[:, None] * skr_t + rd[None, :],
-                         mask=tm[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(tm, tl.sum(kr * qv[None, :], axis=1), float("-inf"))
+        if m_new > m_i:  # rescale only when the running max moves
+            alpha = tl.exp2(m_i - m_new)
+            acc_lo = acc_lo * alpha
+            acc_hi = acc_hi * alpha
+            acc_b = acc_b * alpha
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(scores - m_i)
+        l_i += tl.sum(p, axis=0)
+        # ---- values: per-token scale of each channel group
+        fv_lo, fv_hi = _unit_floats(tl.load(vq_base + tok[:, None] * DW + rw[None, :]), BITS)
+        av = tl.load(vs_base + tok[:, None] * NG + gw[None, :]).to(tl.float32) * U  # [G, DW]
+        bv = tl.load(vm_base + tok[:, None] * NG + gw[None, :]).to(tl.float32) - av
+        pa = (p[:, None] * av)[:, :, None]
+        acc_lo += pa * fv_lo
+        acc_hi += pa * fv_hi
+        acc_b += p[:, None] * bv
+    if sid == S - 1:  # the full-precision window, G tokens at a time
+        for r0 in range(0, n_res, G):
+            tok = r0 + rt
+            tm = (tok < n_res)[:, None, None]
+            kr = kr_ptr + b * skr_b + hk * skr_h + tok[:, None, None] * skr_t
+            k_lo = tl.load(kr + d_lo[None, :, :], mask=tm, other=0.0).to(tl.float32)
+            k_hi = tl.load(kr + d_hi[None, :, :], mask=tm, other=0.0).to(tl.float32)
+            scores = tl.sum(tl.sum(k_lo * q_lo[None, :, :] + k_hi * q_hi[None, :, :], axis=2), axis=1)
+            scores = tl.where(tok < n_res, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            vr = tl.load(vr_ptr + b * svr_b + hk * svr_h + tok[:, None] * svr_t + rd[None, :],
-                         mask=tm[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None, None] * tl.reshape(vr, (RB, NG, G)), axis=0)
+            acc_lo = acc_lo * alpha
+            acc_hi = acc_hi * alpha
+            acc_b = acc_b * alpha
+            l_i = l_i * alpha
             m_i = m_new
+            p = tl.exp2(scores - m_i)
+            l_i += tl.sum(p, axis=0)
+            vr = vr_ptr + b * svr_b + hk * svr_h + tok[:, None, None] * svr_t
+            acc_lo += p[:, None, None] * tl.load(vr + d_lo[None, :, :], mask=tm, other=0.0).to(tl.float32)
+            acc_hi += p[:, None, None] * tl.load(vr + d_hi[None, :, :], mask=tm, other=0.0).to(tl.float32)
+    ob = tl.sum(acc_b, axis=0)[:, None]
     out = o_ptr + (pid * S + sid) * D
-    tl.store(out + rd, tl.reshape(acc, (D,)))
+    tl.store(out + d_lo, tl.sum(acc_lo, axis=0) + ob)
+    tl.store(out + d_hi, tl.sum(acc_hi, axis=0) + ob)
     tl.store(ml_ptr + (pid * S + sid) * 2, m_i)
     tl.store(ml_ptr + (pid * S + sid) * 2 + 1, l_i)
 
@@ -205,14 +235,13 @@ def decode_attention(q, kq, ks, km, vq, vs, vm, k_res, v_res, bits: int, group: 
     n_split = max(1, triton.cdiv(n_q, tps))
     o = alloc((bsz * hq, n_split, d), torch.float32, q.device)
     ml = alloc((bsz * hq, n_split, 2), torch.float32, q.device)
-    rb = min(64, max(16, next_pow2(n_res)))
     _decode_kernel[(bsz * hq, n_split)](
         q, kq, ks, km, vq, vs, vm, k_res, v_res, o, ml,
         hq, hkv, hq // hkv, n_q, n_res, tps, n_split, sm_scale,
         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), ks.stride(0), ks.stride(1),
         vs.stride(0), vs.stride(1), k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
-        BITS=bits, D=d, G=group, RB=rb)
+        BITS=bits, D=d, G=group, num_warps=OVERRIDE.get("num_warps", 2))
     out = alloc((bsz, hq, d), q.dtype, q.device)
     _combine_kernel[(bsz * hq,)](o, ml, out, n_split, D=d, SP=max(2, next_pow2(n_split)))
     return out

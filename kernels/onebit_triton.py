@@ -2,9 +2,9 @@
 
 Signs are packed 32 per int32 along K (``reference.pack_signs``; bit 1 = +1), used as is.
 
-* ``_gemv_kernel`` (small M): no multiplies by +-1 at all. ``x * g`` is formed once per K step
-  and each sign bit is moved to bit 31 and XOR-ed into the fp32 bit pattern of ``x * g``
-  (a shift and one 3-input logic op), then summed: ``sum_k sign_k * xg_k``.
+* ``_gemv_kernel`` (small M): each sign bit becomes ``f = 1 + q/256`` with a shift and one logic
+  op (``wq_triton._unit_floats``), one FMA per element into a per-word partial, and
+  ``sum_k sign_k xg_k = 512 sum_k f_k xg_k - 513 sum_k xg_k`` per packed word.
 * ``_gemm_kernel`` (larger M): unpacks the signs to +-1 in the activation dtype (exact) and uses
   ``tl.dot`` in the transposed orientation (weight tile as the register operand), ``h`` and
   bias in the epilogue.
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting
+from .wq_triton import _unit_floats
 
 
 @triton.jit
@@ -27,24 +28,27 @@ def _gemv_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr, N, K, Kw, stride_xm, 
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     BK: tl.constexpr = BKW * 32
+    U: tl.constexpr = 256  # _unit_floats(BITS=1): f = 1 + q / 256
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < N
     rkw = tl.arange(0, BKW)
-    j = tl.arange(0, 32)
+    xk0 = rkw[:, None] * 32 + tl.arange(0, 16)[None, :]
     acc = tl.zeros([BN, BKW], dtype=tl.float32)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * Kw
+    x_row = x_ptr + pid_m * stride_xm
     for k0 in range(0, K, BK):
         kw = k0 // 32 + rkw
         w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
-        xk = k0 + rkw[:, None] * 32 + j[None, :]  # [BKW, 32]
-        xm = xk < K
-        xg = tl.load(x_ptr + pid_m * stride_xm + xk, mask=xm, other=0.0).to(tl.float32) * \
-            tl.load(g_ptr + xk, mask=xm, other=0.0).to(tl.float32)
-        xb = xg.to(tl.int32, bitcast=True)
-        # bit j of the word -> bit 31; sign flips where the bit is 0 (weight -1)
-        sbit = ((w[:, :, None] << (31 - j)[None, None, :]) & -2147483648) ^ -2147483648
-        v = (xb[None, :, :] ^ sbit).to(tl.float32, bitcast=True)
-        acc += tl.sum(v, axis=2)
+        xk = k0 + xk0
+        xg_lo = tl.load(x_row + xk, mask=xk < K, other=0.0).to(tl.float32) * \
+            tl.load(g_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+        xg_hi = tl.load(x_row + xk + 16, mask=xk + 16 < K, other=0.0).to(tl.float32) * \
+            tl.load(g_ptr + xk + 16, mask=xk + 16 < K, other=0.0).to(tl.float32)
+        f_lo, f_hi = _unit_floats(w, 1)
+        # sign = 2q - 1 = 2U (f - 1) - 1:  sum sign * xg = 2U sum f xg - (2U + 1) sum xg
+        part = tl.sum(f_lo * xg_lo[None, :, :], axis=2) + tl.sum(f_hi * xg_hi[None, :, :], axis=2)
+        xs = tl.sum(xg_lo, axis=1) + tl.sum(xg_hi, axis=1)
+        acc += part * (2.0 * U) - xs[None, :] * (2.0 * U + 1.0)
     out = tl.sum(acc, axis=1) * tl.load(h_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -102,7 +106,7 @@ def linear(x2: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Ten
     b = bias if bias is not None else h
     if m <= GEMV_MAX_M:
         cfg = OVERRIDE.get("gemv", {})
-        bn, bkw, nw = cfg.get("bn", 32), cfg.get("bkw", 8), cfg.get("num_warps", 4)
+        bn, bkw, nw = cfg.get("bn", 16), cfg.get("bkw", 4), cfg.get("num_warps", 1)
         _gemv_kernel[(triton.cdiv(n, bn), m)](x2, packed, g, h, b, y, n, k, kw, x2.stride(0), y.stride(0),
                                               BN=bn, BKW=bkw, HAS_BIAS=bias is not None, num_warps=nw)
         return y

@@ -151,41 +151,62 @@ def _dequant_tile(w, s, z, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr)
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k0, K, Kw, GS, nmask, rkw, xk0,
+               VPW: tl.constexpr, H: tl.constexpr, U: tl.constexpr, EVEN: tl.constexpr):
+    """Loads of one K step: words [BN, BKW], x halves [BKW, H], per-row s*U and 1 + z/U."""
+    kw = k0 // VPW + rkw
+    xk = k0 + xk0
+    g = k0 // GS
+    if EVEN:
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None], other=0)
+        x_lo = tl.load(x_row + xk)
+        x_hi = tl.load(x_row + xk + H)
+    else:
+        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        x_lo = tl.load(x_row + xk, mask=xk < K, other=0.0)
+        x_hi = tl.load(x_row + xk + H, mask=xk + H < K, other=0.0)
+    s = tl.load(s_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * U
+    c = 1.0 + tl.load(z_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * (1.0 / U)
+    return w, x_lo.to(tl.float32), x_hi.to(tl.float32), s, c
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, Kw, G, GS, stride_xm, stride_ym, k_per_split,
                  BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr):
+    """One program: BN rows x one K split for one activation row. The next K step's loads are
+    issued before the current step's math (register double-buffering)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     VPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VPW
+    H: tl.constexpr = VPW // 2
+    U: tl.constexpr = 1 << (7 + BITS)
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < N
     rkw = tl.arange(0, BKW)
-    rk = tl.arange(0, BK)
-    H: tl.constexpr = VPW // 2
-    U: tl.constexpr = 1 << (7 + BITS)
-    rj = tl.arange(0, H)
+    xk0 = rkw[:, None] * VPW + tl.arange(0, H)[None, :]  # [BKW, H]: values 0..H-1 of each word
     acc = tl.zeros([BN, BKW], dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw
+    s_ptrs = s_ptr + rn * G
+    z_ptrs = z_ptr + rn * G
     x_row = x_ptr + pid_m * stride_xm
+    w, x_lo, x_hi, s, c = _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k_lo, K, Kw, GS, nmask, rkw, xk0,
+                                     VPW, H, U, EVEN)
+    k_last = tl.maximum(k_hi - BK, k_lo)  # the prefetch past the end re-reads the last step (in bounds)
     for k0 in range(k_lo, k_hi, BK):
-        kw = k0 // VPW + rkw
-        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
-        xk = k0 + rkw[:, None] * VPW + rj[None, :]  # [BKW, H]: values 0..H-1 of each word
-        x_lo = tl.load(x_row + xk, mask=xk < K, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + xk + H, mask=xk + H < K, other=0.0).to(tl.float32)
-        g = k0 // GS
-        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32) * U
-        c = 1.0 + tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32) * (1.0 / U)
+        w_n, x_lo_n, x_hi_n, s_n, c_n = _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, tl.minimum(k0 + BK, k_last), K,
+                                                   Kw, GS, nmask, rkw, xk0, VPW, H, U, EVEN)
         # sum_j (q_j - z) s x_j = s U (sum_j f_j x_j - (1 + z / U) sum_j x_j),  f_j = 1 + q_j / U
         f_lo, f_hi = _unit_floats(w, BITS)
         part = tl.sum(f_lo * x_lo[None, :, :], axis=2) + tl.sum(f_hi * x_hi[None, :, :], axis=2)
         xs = tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1)
         acc += (part - c[:, None] * xs[None, :]) * s[:, None]
+        w, x_lo, x_hi, s, c = w_n, x_lo_n, x_hi_n, s_n, c_n
     acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
         if pid_k == 0:
@@ -228,9 +249,14 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw
     x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm
+    # weight words travel global -> registers (they are dequantized there), so the software
+    # pipeliner does not cover them: prefetch the next K step's words by hand.
+    kw = k_lo // VPW + rkw
+    w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+    k_last = tl.maximum(k_hi - BK, k_lo)  # the prefetch past the end re-reads the last step
     for k0 in range(k_lo, k_hi, BK):
-        kw = k0 // VPW + rkw
-        w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
+        kw_n = tl.minimum(k0 + BK, k_last) // VPW + rkw
+        w_n = tl.load(w_ptrs + kw_n[None, :], mask=nmask[:, None] & (kw_n[None, :] < Kw), other=0)
         xk = k0 + rk
         xt = tl.load(x_ptrs + xk[:, None], mask=mmask[None, :] & (xk[:, None] < K), other=0.0)
         g = k0 // GS
@@ -241,6 +267,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             acc += tl.dot(wd, xt.to(tl.float32))
         else:
             acc = tl.dot(wd.to(dt), xt, acc)
+        w = w_n
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -321,10 +348,16 @@ def _step_k(p: PreparedQWeight, cap: int) -> int:
     return max(bk, vpw)
 
 
+_SMS: dict = {}
+
+
 def _num_sms(device) -> int:
     if device.type != "cuda":
         return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 # Sweepable configuration hooks (the benchmark sets these; None = heuristics).
@@ -336,17 +369,18 @@ def gemv(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bn=None, bk=None, s
     m, k = x2.shape
     n = p.out_features
     cfg = OVERRIDE.get("gemv", {})
-    bk = bk or cfg.get("bk") or _step_k(p, 512 if p.bits <= 4 else 256)
+    # defaults from the H100 sweep (BENCHMARKS.md): small one-warp programs, many of them
+    bk = bk or cfg.get("bk") or _step_k(p, 256)
     bk = min(bk, _step_k(p, bk))
-    bn = bn or cfg.get("bn") or max(1, min(next_pow2(n), 4096 // bk * (32 // p.bits) // 4, 64))
-    nw = num_warps or cfg.get("num_warps") or 4
+    bn = bn or cfg.get("bn") or min(16, next_pow2(n))
+    nw = num_warps or cfg.get("num_warps") or 1
     n_tiles = triton.cdiv(n, bn)
     if split_k is None:
         split_k = cfg.get("split_k")
     if split_k is None:
         sms = _num_sms(x2.device)
         split_k = 1
-        while n_tiles * m * split_k < 2 * sms and k // (split_k * 2) >= 4 * bk:
+        while n_tiles * m * split_k < 4 * sms and split_k < 8 and k // (split_k * 2) >= 4 * bk:
             split_k *= 2
     k_per = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
     split_k = triton.cdiv(k, k_per)
@@ -355,7 +389,8 @@ def gemv(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bn=None, bk=None, s
     _gemv_kernel[(n_tiles, m, split_k)](
         x2, p.qweight, p.scales, p.zeros, bias if bias is not None else p.scales, out,
         n, k, p.qweight.shape[1], p.n_groups, p.group_size, x2.stride(0), out.stride(0), k_per,
-        BITS=p.bits, BN=bn, BK=bk, HAS_BIAS=bias is not None, ATOMIC=atomic, num_warps=nw)
+        BITS=p.bits, BN=bn, BK=bk, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        EVEN=(k % bk == 0 and k_per % bk == 0), num_warps=nw)
     return out.to(x2.dtype) if atomic else out
 
 
@@ -364,12 +399,13 @@ def gemm(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bm=None, bn=None, b
     m, k = x2.shape
     n = p.out_features
     cfg = OVERRIDE.get("gemm", {})
+    # defaults from the H100 sweep (BENCHMARKS.md)
     if bm is None:
-        bm = cfg.get("bm") or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128)
-    bn = bn or cfg.get("bn") or (64 if m <= 64 else 128)
+        bm = cfg.get("bm") or (16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128 if m <= 256 else 256)
+    bn = bn or cfg.get("bn") or (64 if m <= 32 else 128 if m <= 64 else 64 if bm <= 128 else 128)
     bk = bk or cfg.get("bk") or (128 if m <= 64 else 64)
     bk = min(bk, _step_k(p, bk))
-    nw = num_warps or cfg.get("num_warps") or (4 if m <= 64 else 8)
+    nw = num_warps or cfg.get("num_warps") or (8 if bm * bn >= 256 * 128 else 4)
     ns = num_stages or cfg.get("num_stages") or (4 if m <= 64 else 3)
     n_tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     if split_k is None:
@@ -422,9 +458,38 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
     return dx
 
 
-# M thresholds for the dispatcher (the benchmark measures and may move them)
+# M thresholds for the dispatcher
 GEMV_MAX_M = 4
-DEQUANT_CUBLAS_MIN_M = 1 << 30  # set from measurements; fused GEMM by default
+LARGE_M = 128  # from here on, the fused GEMM and dequantize-then-cuBLAS are timed once per shape
+_CHOICE: dict = {}
+
+
+def _time_once(fn, reps=3) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _large_m_path(x2, p, bias) -> str:
+    """'gemm' or 'deq': measured on first use per (M bucket, shape), never slower than dequantize
+    then cuBLAS by more than timing noise. Under CUDA-graph capture (no timing possible) the
+    heuristic is used: fused up to M=512."""
+    m = x2.shape[0]
+    bucket = 1 << (m - 1).bit_length()
+    key = (bucket, p.out_features, p.in_features, p.bits, p.group_size, x2.dtype, x2.device)
+    if key in _CHOICE:
+        return _CHOICE[key]
+    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return "gemm" if m <= 512 else "deq"
+    t_g = _time_once(lambda: gemm(x2, p, bias))
+    t_d = _time_once(lambda: torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias))
+    _CHOICE[key] = "gemm" if t_g <= t_d else "deq"
+    return _CHOICE[key]
 
 
 def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
@@ -434,6 +499,6 @@ def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
         return x2.new_empty((0, p.out_features))
     if m <= GEMV_MAX_M:
         return gemv(x2, p, bias)
-    if m >= DEQUANT_CUBLAS_MIN_M:
+    if m >= LARGE_M and _large_m_path(x2, p, bias) == "deq":
         return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
     return gemm(x2, p, bias)
