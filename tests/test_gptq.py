@@ -109,3 +109,21 @@ def test_gptq_bad_options(calib):
         run("gptq", m, QuantSpec(), calib=calib, percdamp=2)
     with pytest.raises(ValueError, match="scheme='nf' is not supported"):
         run("gptq", m, QuantSpec(bits=4, scheme="nf"), calib=calib)
+
+
+def test_group_grid_search_weighted_error_never_worse():
+    from qft.ptq.gptq import group_qparams
+    W, X, H = correlated(seed=11)
+    d = torch.diag(H)
+    s0, z0 = Q.minmax_qparams(W, 3, 32, False)
+    s1, z1 = group_qparams(W, d, 3, 32, False, clip_grid=20, max_shrink=0.5)
+
+    def werr(s, z):
+        D = W - Q.dequantize(Q.quantize(W, s, z, 3, 32), s, z, 32)
+        return (D.pow(2) * d).reshape(96, 4, 32).sum(-1)
+    e0, e1 = werr(s0, z0), werr(s1, z1)
+    assert (e1 <= e0 * (1 + 1e-6)).all() and e1.sum() < 0.95 * e0.sum()
+    assert torch.equal(group_qparams(W, d, 3, 32, False, clip_grid=0)[0], s0)
+    r0 = gptq_quantize(W, H, 2, 32, act_order=True)
+    r1 = gptq_quantize(W, H, 2, 32, act_order=True, clip_grid=20)
+    assert out_err(X, W, r1.w_q) < out_err(X, W, r0.w_q)
