@@ -190,6 +190,20 @@ def _evaluate_all(model, teacher, tok, recipe: Recipe, tag: str, cache: dict) ->
     return out
 
 
+def _selfgen_missing(teacher, tok, recipe: Recipe) -> float:
+    """Write every ``type: selfgen`` data file that does not exist yet with the teacher
+    (LLM-QAT data, :mod:`qft.train.selfgen`, settings from the recipe's ``selfgen`` block)."""
+    from qft.train.selfgen import SelfGenConfig, selfgen
+    t0 = time.time()
+    for src in recipe.data.get("sources") or []:
+        if isinstance(src, dict) and src.get("type") == "selfgen" and not Path(src.get("path", "")).exists():
+            sg = recipe.selfgen
+            cfg = SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed)
+            print(f"[onebit] generating {sg.n} x {sg.seq_len} tokens of training text into {src['path']}", flush=True)
+            selfgen(teacher, tok, src["path"], cfg, model_id=recipe.model)
+    return round(time.time() - t0, 1)
+
+
 def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     """init-eval -> train -> (merge LoRA) -> eval -> export; returns the report dict."""
     from qft.models import load_model
@@ -201,6 +215,7 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(recipe.seed)
     teacher, tok = load_model(recipe.model, device=device)
+    gen_seconds = _selfgen_missing(teacher, tok, recipe)
     dataset, collator = build_dataset(DataConfig.from_dict(recipe.data), tok)
     student = copy.deepcopy(teacher)
     t0 = time.time()
@@ -209,7 +224,7 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
                 surrogate=ob.surrogate, lora_rank=ob.lora_rank, lora_alpha=ob.lora_alpha)
     report = {"recipe": {"quant": recipe.quant.to_dict(), "onebit": asdict(ob), "distill": asdict(recipe.distill),
                          "train": recipe.train, "data": recipe.data}, "svid_seconds": round(time.time() - t0, 1),
-              "trainable": set_trainable(student, ob), "device": device,
+              "trainable": set_trainable(student, ob), "device": device, "selfgen_seconds": gen_seconds,
               "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
     stages, cache = recipe.eval.stages, {}
     if "fp" in stages:
