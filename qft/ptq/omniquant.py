@@ -174,20 +174,16 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
             groups.append({"params": [t for v in views.values() for t in (v.gamma, v.beta)], "lr": cfg.lwc_lr})
         if let_params:
             groups.append({"params": let_params, "lr": cfg.let_lr})
-        for prm in ctx.block.parameters():
-            prm.requires_grad_(False)
-        for g in groups:
-            for prm in g["params"]:
-                prm.requires_grad_(True)
         before = _mse(ctx, targets)
         if groups and cfg.steps:
             train_block(ctx.block, groups, ctx.inputs, ctx.kwargs, targets, cfg.steps, 0.0, cfg.train_batch,
                         cfg.seed + ctx.index, desc=f"omniquant {ctx.name}")
+        trained = _mse(ctx, targets)
         _freeze(ctx, views, folds, spec)
-        log[ctx.name] = (before, _mse(ctx, targets))
+        log[ctx.name] = (before, trained, _mse(ctx, targets))
 
     sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="omniquant")
-    model.qft_omniquant_log = log  # {block: (mse with min-max init, mse after training)}
+    model.qft_omniquant_log = log  # {block: (mse at init, mse trained, mse of the frozen QuantLinears)}
     return model
 
 
@@ -205,8 +201,6 @@ def _freeze(ctx, views, folds, spec):
         lin.weight.data.copy_(w.to(lin.weight.dtype))
         q = QuantLinear.from_linear(lin, spec, name=f"{ctx.name}.{short}", scale=s, zero=z)
         ctx.replace(short, q)
-    for prm in ctx.block.parameters():
-        prm.requires_grad_(False)
 
 
 @torch.no_grad()

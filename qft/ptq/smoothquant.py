@@ -106,11 +106,12 @@ class SmoothGroup:
 
 
 def smoothing_groups(model: nn.Module, fold_vo: bool = True, fold_up_down: bool = True) -> list[SmoothGroup]:
+    layers = decoder_layers(model)
     cfg = model.config
     n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     groups = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers):
         p = f"model.layers.{i}."
         a, m = layer.self_attn, layer.mlp
         groups.append(SmoothGroup("norm", layer.input_layernorm,

@@ -77,6 +77,21 @@ def train_block(block: nn.Module, params: list, inputs: list, kwargs: list, targ
     Returns the loss per step.
     """
     groups = params if params and isinstance(params[0], dict) else [{"params": params, "lr": lr}]
+    flags = [(p, p.requires_grad) for p in block.parameters()]  # restored afterwards
+    train_ids = {id(p) for g in groups for p in g["params"]}
+    for p in block.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    try:
+        return _train(block, groups, inputs, kwargs, targets, steps, train_batch, seed, desc)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _train(block, groups, inputs, kwargs, targets, steps, train_batch, seed, desc):
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -113,14 +128,10 @@ def zeroquant(model: nn.Module, spec: "QuantSpec | str" = "w4a8", calib: torch.T
         for short, lin in list(ctx.linears.items()):
             ctx.replace(short, QuantLinear.from_linear(lin, spec, name=f"{ctx.name}.{short}"))
         qls = [m for m in ctx.linears.values() if isinstance(m, QuantLinear)]
-        for q in qls:
-            q.weight.requires_grad_(True)
         before = _mse(ctx, targets)
         if cfg.steps:
             train_block(ctx.block, [q.weight for q in qls], ctx.inputs, ctx.kwargs, targets, cfg.steps, cfg.lr,
                         cfg.train_batch, cfg.seed + ctx.index, desc=f"zeroquant lkd {ctx.name}")
-        for q in qls:
-            q.weight.requires_grad_(False)
         log[ctx.name] = (before, _mse(ctx, targets))
 
     sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="zeroquant lkd")
