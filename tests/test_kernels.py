@@ -96,24 +96,25 @@ def test_import_is_lazy(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # weight-only
 # ------------------------------------------------------------------------------------------------
+BF, HF = torch.bfloat16, torch.float16
 WQ_CASES = [
-    # m, n, k, bits, group, symmetric
-    (1, 64, 128, 4, 32, False),
-    (3, 37, 96, 4, 32, True),
-    (1, 192, 576, 4, 64, False),     # SmolLM2 k_proj shape
-    (2, 576, 192, 4, None, False),   # per-channel
-    (5, 33, 256, 2, 64, False),
-    (17, 48, 192, 3, 64, False),
-    (1, 40, 64, 8, 64, True),
-    (7, 24, 77, 4, None, False),     # odd K, per-channel
-    (19, 45, 128, 4, 128, False),    # odd M, N
-    (33, 36, 1536, 4, 128, False),   # SmolLM2 down_proj K, split-K
-    (4, 20, 160, 5, 32, False),
+    # m, n, k, bits, group, symmetric, dtype
+    (1, 64, 128, 4, 32, False, BF),
+    (1, 64, 128, 4, 32, False, HF),
+    (3, 37, 96, 4, 32, True, BF),
+    (1, 192, 576, 4, 64, False, BF),     # SmolLM2 k_proj shape
+    (2, 576, 192, 4, None, False, BF),   # per-channel
+    (5, 33, 256, 2, 64, False, BF),
+    (17, 48, 192, 3, 64, False, HF),
+    (1, 40, 64, 8, 64, True, BF),
+    (7, 24, 77, 4, None, False, BF),     # odd K, per-channel
+    (19, 45, 128, 4, 128, False, HF),    # odd M, N
+    (33, 36, 1536, 4, 128, False, BF),   # SmolLM2 down_proj K, split-K
+    (4, 20, 160, 5, 32, False, BF),
 ]
 
 
-@pytest.mark.parametrize("m,n,k,bits,gs,sym", WQ_CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,bits,gs,sym,dtype", WQ_CASES)
 def test_qlinear(m, n, k, bits, gs, sym, dtype):
     gs = gs or k
     qw, s, z = make_qweight(n, k, bits, gs, sym, seed=m * 7 + n)
@@ -125,7 +126,7 @@ def test_qlinear(m, n, k, bits, gs, sym, dtype):
     assert rel(out, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("m", [1, 5, 20])
 def test_qlinear_paths_agree(m):
     from qft.kernels import wq_triton as W
 
@@ -133,8 +134,10 @@ def test_qlinear_paths_agree(m):
     x = torch.randn(m, 256, dtype=torch.bfloat16, device=DEV)
     ref = R.qlinear(x.float(), qw, s, z, 4, 64, 256)
     p = W.prepare(qw, s, z, 4, 64, 256, x.dtype)
-    for out in (W.gemv(x, p), W.gemv(x, p, split_k=2, bk=64), W.gemm(x, p), W.gemm(x, p, split_k=2, bk=64),
-                W.gemm(x, p, bm=16, bn=32, bk=32)):
+    outs = [W.gemm(x, p), W.gemm(x, p, split_k=2, bk=64), W.gemm(x, p, bm=16, bn=32, bk=32)]
+    if m <= 5:
+        outs += [W.gemv(x, p), W.gemv(x, p, split_k=2, bk=64)]
+    for out in outs:
         assert rel(out, ref) <= 1e-2
 
 
