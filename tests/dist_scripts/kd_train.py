@@ -1,10 +1,9 @@
 """Tiny end-to-end QAT-through-LoRA distillation run, launched by tests/test_distributed.py.
 
-Student: tiny random Llama -> QuantLinear (w4 g32) -> peft LoRA (qft.train.lora.apply_lora);
+Student: tiny random Llama -> QuantLinear (w3 g32) -> peft LoRA (qft.train.lora.apply_lora);
 teacher: the same full-precision tiny Llama. Data: a selfgen JSONL (qft.train.data). Trainer:
-qft's distillation trainer when it exists (qft.train.trainer), else a minimal Trainer subclass
-below with the same contract (teacher prepared for DeepSpeed, forward KL normalised by
-num_items_in_batch).
+qft.train.trainer.DistillTrainer (``--interim-trainer``: a minimal Trainer subclass below with the
+same contract, kept to tell a trainer bug from a launcher / DeepSpeed one).
 
 Every rank writes ``<out>/rank<r>.json`` with what the test checks: logged losses, a hash of the
 frozen quantized base (all-gathered under ZeRO-3) before and after training, how the teacher's
@@ -40,6 +39,7 @@ ap.add_argument("--bits", type=int, default=3)
 ap.add_argument("--logit-scale", type=float, default=20.0, help="sharpen the random tiny model (peaked teacher)")
 ap.add_argument("--patch-lora-gather", action="store_true",
                 help="work around lora.py's _gathered() re-gathering parameters ZeRO-3 already fetched")
+ap.add_argument("--loss", default="forward_kl", help="qft trainer: distillation loss")
 ap.add_argument("--interim-trainer", action="store_true", help="use the minimal Trainer below even if qft's exists")
 args = ap.parse_args()
 
@@ -143,12 +143,13 @@ class InterimKDTrainer(Trainer):
 def make_trainer(model, teacher, targs, ds, coll):
     if not args.interim_trainer:
         try:
-            from qft.train import trainer as qt
-            build = getattr(qt, "build_distill_trainer", None)
-            if build is not None:
-                return build(model=model, teacher=teacher, args=targs, train_dataset=ds, data_collator=coll), "qft"
+            from qft.train.args import DistillArgs
+            from qft.train.trainer import DistillTrainer
         except ImportError:
             pass
+        else:
+            return DistillTrainer(model=model, teacher=teacher, distill=DistillArgs(loss=args.loss, confidence=0.5),
+                                  args=targs, train_dataset=ds, data_collator=coll), "qft"
     return InterimKDTrainer(model=model, teacher=teacher, args=targs, train_dataset=ds, data_collator=coll), "interim"
 
 
@@ -221,7 +222,7 @@ def main():
         "teacher_numel_full": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in teacher_params),
         "teacher_ds_shapes_ok": all(tuple(p.ds_shape) == tuple(p.ds_shape) and len(p.ds_shape) >= 1
                                     for p in teacher_params if hasattr(p, "ds_shape")),
-        "student_keys": sorted(k for k, _ in m.named_parameters()),
+        "student_keys": sorted([k for k, _ in m.named_parameters()] + [k for k, _ in m.named_buffers()]),
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".rank{rank}.json.tmp"
