@@ -86,3 +86,15 @@ def test_bad_input():
         run("smoothquant", m, "w8a8", calib, alpha=1.5)
     with pytest.raises(ValueError, match="no decoder layers"):
         run("smoothquant", torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8", calib)
+
+
+def test_matches_kernel_reference():
+    from qft import kernels
+    if not hasattr(kernels, "int8_linear"):
+        pytest.skip("qft.kernels has no int8_linear yet")
+    lin = torch.nn.Linear(64, 24)
+    q = Int8Linear.from_linear(lin)
+    wq, sw = kernels.reference.quantize_weight_int8(lin.weight.detach())
+    assert torch.equal(wq, q.qweight) and torch.allclose(sw, q.wscale)
+    x = torch.randn(5, 64) * 3
+    assert torch.allclose(q(x), kernels.int8_linear(x, q.qweight, q.wscale, q.bias), atol=1e-5, rtol=1e-5)

@@ -10,8 +10,9 @@
   some token's |x| >= ``threshold``, decided per forward) are computed in floating point against
   the (dequantized int8) weight columns, as bitsandbytes does, so the weight is stored once.
 
-Activation rounding is round-half-up of ``x * 127 / absmax`` clamped to [-127, 127], the
-convention of the Triton kernel, so the float path and the kernel see the same integers.
+Activation rounding is round-half-up of ``x * 127 / absmax`` clamped to [-127, 127] and weights
+round(w / s), the conventions of ``qft.kernels`` (Triton and its reference), so every path sees the
+same integers; a test checks the torch path against ``qft.kernels.int8_linear``.
 Both modules implement the native-format hooks (``qft_type``, ``export_tensors``,
 ``export_config``, ``from_export``, ``bits_per_weight``).
 """
@@ -34,8 +35,10 @@ def quantize_rows_int8(x: torch.Tensor):
 
 
 def quantize_weight_int8(w: torch.Tensor):
-    """Per-output-channel symmetric int8 of a weight [N, K] (same rounding as activations)."""
-    return quantize_rows_int8(w)
+    """Per-output-channel symmetric int8 of a weight [N, K]: round(w / s), s = absmax / 127
+    (``qft.kernels.reference.quantize_weight_int8``, so kernel and torch paths hold the same integers)."""
+    s = w.float().abs().amax(-1).clamp_min(1e-8) / 127.0
+    return torch.round(w.float() / s.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), s
 
 
 _INT_MM_OK = {}
