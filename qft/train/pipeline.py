@@ -135,7 +135,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     distributed = targs.world_size > 1
 
     teacher, tok = load_model(recipe.model)
-    ds, coll, data_desc = training_data(recipe, teacher, tok, out)
+    with targs.main_process_first(desc="training data"):  # rank 0 generates, the others read the file
+        ds, coll, data_desc = training_data(recipe, teacher, tok, out)
     _log(f"training data: {data_desc}")
     sets = eval_sets(recipe, teacher, tok) if main else {}
     stages = set(recipe.eval.stages)
