@@ -2,12 +2,13 @@
 
 Stages (each writes under --out, default out/bench_ptq; later stages reuse earlier results):
 
-  calib  128 x 512-token windows from ../shared/data/wikitext-2/valid.txt -> calib.pt
-  peer   llm-compressor GPTQ (own venv, benchmarks/llmc_gptq.py) -> llmc-w{b}g64/
-  quant  one qft method -> qft-{method}-w{b}g64/ (dequantized weights of the quantized linears + time)
-  pair   peer then qft GPTQ back-to-back for the same bits (the timing comparison)
+  calib  --n-calib x 512-token windows (default 128) from ../shared/data/wikitext-2/valid.txt
+  peer   llm-compressor GPTQ (own venv, benchmarks/llmc_gptq.py) -> llmc-w{b}g64[-n{N}]/
+  quant  one qft method -> qft-{method}-w{b}g64[-n{N}]/ (dequantized weights + time)
+  pair   peer and qft GPTQ for the same bits and calibration: back-to-back by default, or started
+         together with --concurrent (both then see the same load on a shared machine)
   eval   every result found: ppl on wikitext-2 test and tinyshakespeare (default protocol:
-         20 x 512-token windows, no BOS), KL(FP || quantized) on the same windows; prints the table
+         20 x 512-token windows, no BOS) and KL(FP || quantized) on wikitext-2 (--kl-all: both)
 
 Examples:
   python benchmarks/bench_ptq_gptq.py pair --bits 4
@@ -40,43 +41,60 @@ def load_uptime_load():
         return None
 
 
-def stage_calib(out: Path):
+def calib_path(out: Path, n: int) -> Path:
+    return out / ("calib.pt" if n == 128 else f"calib-n{n}.pt")
+
+
+def suffix(n: int) -> str:
+    return "" if n == 128 else f"-n{n}"
+
+
+def stage_calib(out: Path, n: int = 128):
     from qft.models import load_model
     from qft.ptq.calibrate import calib_windows
     _, tok = load_model("smollm2-135m")
-    w = calib_windows(tok, DATA / "wikitext-2" / "valid.txt", n=128, seq_len=512)
-    torch.save(w, out / "calib.pt")
+    w = calib_windows(tok, DATA / "wikitext-2" / "valid.txt", n=n, seq_len=512)
+    torch.save(w, calib_path(out, n))
     return w
 
 
-def get_calib(out: Path):
-    p = out / "calib.pt"
-    return torch.load(p) if p.exists() else stage_calib(out)
+def get_calib(out: Path, n: int = 128):
+    p = calib_path(out, n)
+    return torch.load(p) if p.exists() else stage_calib(out, n)
 
 
-def stage_peer(out: Path, bits: int, gs: int):
-    get_calib(out)
+def peer_cmd(out: Path, bits: int, gs: int, n: int):
+    get_calib(out, n)
     from qft.models import resolve
-    model_dir = resolve("smollm2-135m")
-    cmd = [LLMC_PY, str(ROOT / "benchmarks" / "llmc_gptq.py"), "--model", model_dir, "--calib", str(out / "calib.pt"),
-           "--bits", str(bits), "--group-size", str(gs), "--out", str(out / f"llmc-w{bits}g{gs}")]
-    print("$", " ".join(cmd), flush=True)
-    load0 = load_uptime_load()
-    subprocess.run(cmd, check=True)
-    res = json.loads((out / f"llmc-w{bits}g{gs}" / "result.json").read_text())
+    return [LLMC_PY, str(ROOT / "benchmarks" / "llmc_gptq.py"), "--model", resolve("smollm2-135m"),
+            "--calib", str(calib_path(out, n)), "--bits", str(bits), "--group-size", str(gs),
+            "--out", str(out / f"llmc-w{bits}g{gs}{suffix(n)}")]
+
+
+def peer_result(out: Path, bits: int, gs: int, n: int, load0):
+    d = out / f"llmc-w{bits}g{gs}{suffix(n)}"
+    res = json.loads((d / "result.json").read_text())
     res["load_before"], res["load_after"] = load0, load_uptime_load()
-    (out / f"llmc-w{bits}g{gs}" / "result.json").write_text(json.dumps(res))
+    (d / "result.json").write_text(json.dumps(res))
     return res
 
 
-def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict):
+def stage_peer(out: Path, bits: int, gs: int, n: int = 128):
+    cmd = peer_cmd(out, bits, gs, n)
+    print("$", " ".join(cmd), flush=True)
+    load0 = load_uptime_load()
+    subprocess.run(cmd, check=True)
+    return peer_result(out, bits, gs, n, load0)
+
+
+def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict, n: int = 128):
     import qft.ptq  # noqa: F401  (registers methods)
     from qft.models import load_model
     from qft.nn import QuantLinear
     from qft.ptq import run
     from qft.spec import QuantSpec
     from safetensors.torch import save_file
-    calib = get_calib(out)
+    calib = get_calib(out, n)
     model, _ = load_model("smollm2-135m")
     spec = QuantSpec(bits=bits, group_size=gs, symmetric=False)
     load0 = load_uptime_load()
@@ -84,7 +102,7 @@ def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict):
     run(method, model, spec, calib=calib, **options)
     elapsed = time.perf_counter() - t0
     print(f"qft {method} w{bits}g{gs}: {elapsed:.1f} s", flush=True)
-    d = out / f"qft-{method}-w{bits}g{gs}"
+    d = out / f"qft-{method}-w{bits}g{gs}{suffix(n)}"
     d.mkdir(parents=True, exist_ok=True)
     # every parameter that differs from the float model may have changed (AWQ folds into norms): save all
     sd = {}
@@ -95,7 +113,7 @@ def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict):
         if k.endswith(("norm.weight", "layernorm.weight")):
             sd[k] = v.contiguous()
     save_file(sd, str(d / "weights.safetensors"))
-    res = {"method": method, "bits": bits, "group_size": gs, "time_s": elapsed, "options": options,
+    res = {"method": method, "bits": bits, "group_size": gs, "time_s": elapsed, "options": options, "n_calib": n,
            "load_before": load0, "load_after": load_uptime_load()}
     (d / "result.json").write_text(json.dumps(res))
     return res
@@ -117,7 +135,7 @@ def _dense_model(result_dir: Path):
     return model
 
 
-def stage_eval(out: Path, only: list[str] | None, rtn: bool):
+def stage_eval(out: Path, only: list[str] | None, rtn: bool, kl_all: bool = False):
     from qft.eval import EvalProtocol, evaluate, read_text, windows_from_text
     from qft.models import load_model
     teacher, tok = load_model("smollm2-135m")
@@ -144,14 +162,16 @@ def stage_eval(out: Path, only: list[str] | None, rtn: bool):
             model = _dense_model(src)
         r = {}
         for c, w in wins.items():
-            e = evaluate(model, w, teacher=None if src is None else teacher, desc=f"{name} {c}")
-            r[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0)}
+            with_kl = src is not None and (kl_all or c == "wikitext-2")
+            e = evaluate(model, w, teacher=teacher if with_kl else None, desc=f"{name} {c}")
+            r[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0 if src is None else float("nan"))}
             print(name, c, r[c], flush=True)
         if src is not None and not isinstance(src, str):
             r["time_s"] = json.loads((src / "result.json").read_text())["time_s"]
         done[name] = r
         cache.write_text(json.dumps(done, indent=1))
-    print(f"\nSmolLM2-135M, {proto.describe()}; calibration 128 x 512 tokens of wikitext-2 valid.txt")
+    print(f"\nSmolLM2-135M, {proto.describe()}; calibration N x 512 tokens of wikitext-2 valid.txt "
+          f"(N = 128 unless the name ends in -nN)")
     print("| method | ppl wikitext-2 | ppl tinyshakespeare | KL wikitext-2 | KL tinyshakespeare | time (s) |")
     print("|---|---|---|---|---|---|")
     for name, r in done.items():
@@ -170,23 +190,37 @@ def main():
     ap.add_argument("--opt", action="append", default=[], help="method option key=value (json value)")
     ap.add_argument("--only", nargs="*", help="eval: result names to evaluate")
     ap.add_argument("--rtn", action="store_true", help="eval: add RTN rows")
+    ap.add_argument("--kl-all", action="store_true", help="eval: KL on every corpus (default: wikitext-2 only)")
+    ap.add_argument("--n-calib", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
+    ap.add_argument("--concurrent", action="store_true", help="pair: start the peer and qft together")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in a.opt)}
+    n = a.n_calib
     if a.stage == "calib":
-        stage_calib(out)
+        stage_calib(out, n)
     elif a.stage == "peer":
-        stage_peer(out, a.bits, a.group_size)
+        stage_peer(out, a.bits, a.group_size, n)
     elif a.stage == "quant":
-        stage_quant(out, a.method, a.bits, a.group_size, opts)
+        stage_quant(out, a.method, a.bits, a.group_size, opts, n)
     elif a.stage == "pair":
-        p = stage_peer(out, a.bits, a.group_size)
-        q = stage_quant(out, "gptq", a.bits, a.group_size, opts)
-        print(f"back-to-back w{a.bits}g{a.group_size}: llm-compressor {p['time_s']:.1f} s, qft {q['time_s']:.1f} s "
-              f"(load average before: {p['load_before']}, {q['load_before']})")
+        if a.concurrent:
+            cmd = peer_cmd(out, a.bits, a.group_size, n)
+            load0 = load_uptime_load()
+            proc = subprocess.Popen(cmd)
+            q = stage_quant(out, "gptq", a.bits, a.group_size, opts, n)
+            if proc.wait() != 0:
+                raise SystemExit("the llm-compressor run failed")
+            p = peer_result(out, a.bits, a.group_size, n, load0)
+        else:
+            p = stage_peer(out, a.bits, a.group_size, n)
+            q = stage_quant(out, "gptq", a.bits, a.group_size, opts, n)
+        how = "started together" if a.concurrent else "back-to-back"
+        print(f"{how} w{a.bits}g{a.group_size}, {n} x 512 calibration: llm-compressor {p['time_s']:.1f} s, "
+              f"qft {q['time_s']:.1f} s (1-min load average at the start: {p['load_before']}, {q['load_before']})")
     else:
-        stage_eval(out, a.only, a.rtn)
+        stage_eval(out, a.only, a.rtn, a.kl_all)
 
 
 if __name__ == "__main__":

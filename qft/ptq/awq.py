@@ -49,8 +49,8 @@ class AWQConfig:
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
-    n_tokens: int = field(default=4096, metadata={"help": "calibration tokens sampled per input for the scale search"})
-    clip_tokens: int = field(default=1024, metadata={"help": "of those, tokens used by the clip search"})
+    n_tokens: int = field(default=2048, metadata={"help": "calibration tokens sampled per input for the scale search"})
+    clip_tokens: int = field(default=512, metadata={"help": "of those, tokens used by the clip search"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
