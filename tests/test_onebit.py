@@ -176,3 +176,24 @@ def test_model_save_and_load_roundtrip(tmp_path):
     expect = sum(m.bits_per_weight() * m.in_features * m.out_features for m in layers) / \
         sum(m.in_features * m.out_features for m in layers)
     assert abs(info(path)["bits_per_weight"] - expect) < 1e-9
+
+
+def test_transformers_from_pretrained_after_import_qft(tmp_path):
+    import qft  # noqa: F401  (registers the qft quantizer with transformers)
+    from transformers import AutoModelForCausalLM
+
+    from qft.export import save
+    model = run("onebit_svid", tiny_llama(seed=9), "w1")
+    with torch.no_grad():
+        for _, m in onebit_layers(model):
+            m.g.copy_(m.g.half().float())
+            m.h.copy_(m.h.half().float())
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ref = model(x).logits
+    path = save(model, tmp_path / "ob", format="qft")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    layer = hf.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, OneBitLinear) and layer.state == "packed"
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ref, atol=1e-5)

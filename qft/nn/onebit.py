@@ -205,31 +205,33 @@ class OneBitLinear(nn.Module):
                 "layernorm": self.ln is not None, "ln_eps": self.ln.eps if self.ln is not None else 1e-5}
 
     @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> "OneBitLinear":
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> "OneBitLinear":
+        """A packed layer from ``export_config()`` + ``export_tensors()``; ``tensors=None`` gives an
+        empty packed layer of the right shapes (for loaders that fill the tensors by name)."""
         k, n = int(config["in_features"]), int(config["out_features"])
         m = cls(k, n, bias=bool(config.get("bias")), layernorm=bool(config.get("layernorm")),
                 ln_eps=float(config.get("ln_eps", 1e-5)), dtype=dtype, device="meta")
         need = ["qweight", "g", "h"] + (["bias"] if m.bias is not None else []) + \
                (["ln.weight", "ln.bias"] if m.ln is not None else [])
-        missing = [key for key in need if key not in tensors]
-        if missing:
-            raise KeyError(f"onebit layer lacks tensors {missing}")
         expect = {"qweight": (n, kernels.packed_cols(k, 1)), "g": (k,), "h": (n,), "bias": (n,),
                   "ln.weight": (n,), "ln.bias": (n,)}
-        for key in need:
-            if tuple(tensors[key].shape) != expect[key]:
-                raise ValueError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {expect[key]}")
+        if tensors is not None:
+            missing = [key for key in need if key not in tensors]
+            if missing:
+                raise KeyError(f"onebit layer lacks tensors {missing}")
+            for key in need:
+                if tuple(tensors[key].shape) != expect[key]:
+                    raise ValueError(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {expect[key]}")
         del m._buffers["sign"]
         m.to_empty(device="cpu")
-        m.register_buffer("qweight", tensors["qweight"].to(torch.int32).contiguous())
+        m.register_buffer("qweight", torch.zeros(expect["qweight"], dtype=torch.int32))
         with torch.no_grad():
-            m.g.copy_(tensors["g"].to(dtype))
-            m.h.copy_(tensors["h"].to(dtype))
-            if m.bias is not None:
-                m.bias.copy_(tensors["bias"].to(dtype))
-            if m.ln is not None:
-                m.ln.weight.copy_(tensors["ln.weight"].to(dtype))
-                m.ln.bias.copy_(tensors["ln.bias"].to(dtype))
+            for key in need:
+                target = m.qweight if key == "qweight" else m.get_parameter(key)
+                if tensors is None:
+                    target.zero_() if key in ("qweight", "bias", "ln.bias") else target.fill_(1.0)
+                else:
+                    target.copy_(tensors[key].to(target.dtype))
         m.state = "packed"
         for p in m.parameters():
             p.requires_grad_(False)
