@@ -30,24 +30,25 @@ from qft.ptq.kivi import evaluate_kv, kivi_cache
 from qft.spec import QuantSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CORPORA = {"wikitext2": DATA / "wikitext-2" / "test.txt", "tinyshakespeare": DATA / "tinyshakespeare" / "input.txt"}
 
 W8A8 = "w8a8"
 # name: (method, spec, options, needs calibration)
 ROWS = {
     "w8a8_naive": ("smoothquant", W8A8, {"smooth": False}, False),
     "smoothquant": ("smoothquant", W8A8, {"alpha": 0.5}, True),
+    "smoothquant_a07": ("smoothquant", W8A8, {"alpha": 0.7}, True),
     "smoothquant_search": ("smoothquant", W8A8, {"search": True}, True),
     "llm_int8": ("llm_int8", W8A8, {"threshold": 6.0}, False),
+    "llm_int8_t2": ("llm_int8", W8A8, {"threshold": 2.0}, False),
     "zeroquant_w8a8g64": ("zeroquant", QuantSpec(bits=8, group_size=64, act_bits=8), {}, False),
     "zeroquant_w4a8g64": ("zeroquant", QuantSpec(bits=4, group_size=64, act_bits=8), {}, False),
     "zeroquant_w4a8g64_lkd": ("zeroquant", QuantSpec(bits=4, group_size=64, act_bits=8),
                               {"lkd": True, "steps": 20}, True),
     "rtn_w4g64": ("rtn", "w4g64", {}, False),
     "gptq_w4g64": ("gptq", "w4g64", {}, True),
-    "omniquant_w4a16g64": ("omniquant", "w4g64", {}, True),
-    "omniquant_w6a6": ("omniquant", QuantSpec(bits=6, group_size=None, act_bits=6), {}, True),
-    "omniquant_w4a8": ("omniquant", QuantSpec(bits=4, group_size=64, act_bits=8), {}, True),
+    "omniquant_w4a16g64": ("omniquant", "w4g64", {"steps": 20, "train_batch": 1}, True),
+    "omniquant_w6a6": ("omniquant", QuantSpec(bits=6, group_size=None, act_bits=6), {"steps": 20, "train_batch": 1}, True),
+    "omniquant_w4a8": ("omniquant", QuantSpec(bits=4, group_size=64, act_bits=8), {"steps": 20, "train_batch": 1}, True),
     "kivi_kv4": ("kivi", None, {"bits": 4, "group_size": 32, "residual_length": 128}, False),
     "kivi_kv2": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128}, False),
 }
@@ -80,6 +81,9 @@ def main():
     ap.add_argument("--kv-chunk", type=int, default=32, help="tokens per step for KIVI (1 = token by token)")
     ap.add_argument("--opt", action="append", default=[], help="row option override k=v (all rows)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="smollm2-135m", help="model name or directory")
+    ap.add_argument("--data", default=str(DATA), help="folder holding wikitext-2/ and tinyshakespeare/")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="out/bench_ptq_core.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,16 +91,19 @@ def main():
     for r in rows:
         if r != "fp" and r not in ROWS:
             raise SystemExit(f"unknown row {r!r}; known: fp, {', '.join(ROWS)}")
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model, device=args.device)
+    data = Path(args.data)
+    corpora = {"wikitext2": data / "wikitext-2" / "test.txt", "tinyshakespeare": data / "tinyshakespeare" / "input.txt"}
     proto = EvalProtocol(n_windows=args.windows)
-    evals = {c: windows_from_text(tok, read_text(CORPORA[c]), proto, source=c) for c in args.corpora.split(",")}
-    calib = calib_windows(tok, DATA / "wikitext-2" / "valid.txt", n=args.calib, seq_len=512)
+    evals = {c: windows_from_text(tok, read_text(corpora[c]), proto, source=c) for c in args.corpora.split(",")}
+    calib = calib_windows(tok, data / "wikitext-2" / "valid.txt", n=args.calib, seq_len=512)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fp_ppl, lines = {}, []
     head = "| row | method | spec / options | " + " | ".join(f"{c} ppl (x FP)" for c in evals) + " | quantize s | notes |"
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"protocol: {proto.describe()}; calibration: {args.calib} x 512 tokens of wikitext-2 valid.txt; "
-          f"threads {args.threads}", flush=True)
+          f"device: {dev}", flush=True)
     for r in rows:
         notes, t_q = "", 0.0
         if r == "fp":

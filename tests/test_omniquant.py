@@ -25,9 +25,13 @@ def setup():
                                       (QuantSpec(bits=4, group_size=32, act_bits=6), True)])
 def test_training_lowers_error_and_freezing_is_exact(setup, spec, let):
     m, calib = setup
-    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4)
+    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4, init="minmax")
     for before, trained, frozen in q.qft_omniquant_log.values():
         assert trained < before
+        assert abs(frozen - trained) <= 1e-3 * trained + 1e-9  # folded norms / rows + integers = the view
+    c = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4)  # clip-search init
+    for (b0, _, _), (b1, trained, frozen) in zip(q.qft_omniquant_log.values(), c.qft_omniquant_log.values()):
+        assert trained <= b1  # never worse than the init: training that does not help is undone
         assert abs(frozen - trained) <= 1e-3 * trained + 1e-9  # folded norms / rows + integers = the view
     lin = q.model.layers[0].self_attn.o_proj
     assert isinstance(lin, QuantLinear) and lin.spec.act_bits == spec.act_bits

@@ -20,6 +20,7 @@ a weight method, so it is not in ``METHODS``: use ``past_key_values=KIVICache(mo
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -50,6 +51,8 @@ def evaluate_kv(model, windows: torch.Tensor, make_cache, chunk_size: int = 32, 
         raise ValueError(f"evaluate_kv chunk_size={chunk_size!r} is not valid; allowed: a positive integer")
     model.eval()
     dev = next(model.parameters()).device
+    # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     nll_sum, count, report = 0.0, 0, None
     n_batches = math.ceil(len(windows) / batch_size)
     bar = tqdm(total=n_batches * math.ceil(windows.shape[1] / chunk_size), desc=desc, disable=not progress,
@@ -59,7 +62,7 @@ def evaluate_kv(model, windows: torch.Tensor, make_cache, chunk_size: int = 32, 
         cache = make_cache()
         logits = []
         for s in range(0, batch.shape[1], chunk_size):
-            out = model(input_ids=batch[:, s:s + chunk_size], cache=cache, use_cache=True)
+            out = model(input_ids=batch[:, s:s + chunk_size], use_cache=True, **{key: cache})
             logits.append(out.logits.float())
             bar.update(1)
         logp = F.log_softmax(torch.cat(logits, 1)[:, :-1], -1)

@@ -6,7 +6,10 @@ calibration activations, with the weights frozen and only two small sets of para
 
 * **LWC** (learnable weight clipping): per group of each linear, clip factors
   sigmoid(gamma), sigmoid(beta) shrink the max and min of the min-max range
-  (:func:`qft.nn.quant.lwc_qparams`; init 4.0 -> 0.982); gradients flow through the STE.
+  (:func:`qft.nn.quant.lwc_qparams`); gradients flow through the STE. The paper starts every
+  factor at sigmoid(4) = 0.982 and trains 20 epochs; with a CPU budget of a few dozen steps per
+  block we start from the per-group clip search of :mod:`qft.ptq.clip` (``init='clip'``, on the
+  block's Hessian, after LET scaling) and let LWC refine it (``init='minmax'`` is the paper's).
 * **LET** (learnable equivalent transformation): per input channel of q/k/v (after the input
   RMSNorm), gate/up (after the post-attention RMSNorm) and o_proj (after v_proj; tied across the
   query heads that share a kv head with GQA), a scale s with X W^T = (X / s)(W * s)^T, initialized
@@ -52,6 +55,9 @@ class OmniQuantConfig:
     lwc_lr: float = field(default=1e-2, metadata={"help": "learning rate of the clipping logits"})
     let_lr: float = field(default=5e-3, metadata={"help": "learning rate of the LET scales"})
     lwc_init: float = field(default=4.0, metadata={"help": "initial clipping logit (sigmoid(4) = 0.982)"})
+    init: str = field(default="clip", metadata={
+        "help": "clip: start LWC from the per-group clip search of qft.ptq.clip (output error on the "
+                "block's Hessian); minmax: from lwc_init everywhere (the paper)"})
     let_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant alpha of the LET initialization"})
     train_batch: int = field(default=2, metadata={"help": "calibration windows per step"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward when capturing"})
@@ -62,6 +68,8 @@ class OmniQuantConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or v < (0 if k == "steps" else 1):
                 raise ValueError(f"omniquant {k}={v!r} is not valid; allowed: an integer >= {0 if k == 'steps' else 1}")
+        if self.init not in ("clip", "minmax"):
+            raise ValueError(f"omniquant init={self.init!r} is not valid; allowed: clip, minmax")
         for k in ("lwc_lr", "let_lr"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"omniquant {k}={getattr(self, k)!r} is not valid; allowed: a positive number")
@@ -138,7 +146,8 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
     log = {}
 
     def process(ctx):
-        stats = ctx.collect(hessian=False, absmax=True) if let else {}
+        clip_init = cfg.lwc and cfg.init == "clip"
+        stats = ctx.collect(hessian=clip_init, absmax=let) if (let or clip_init) else {}
         targets = ctx.forward()
         views = {short: OmniLinear(lin, spec, cfg.lwc, cfg.lwc_init) for short, lin in ctx.linears.items()}
         let_params, folds = [], []
@@ -167,6 +176,8 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
                     views[c].divide_input = kind == "norm"
                 let_params.append(p)
                 folds.append((prod, cons, kind, p, full))
+        if clip_init:
+            _init_clip(views, stats, spec)
         for short, v in views.items():
             ctx.replace(short, v)
         groups = []
@@ -175,16 +186,40 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
         if let_params:
             groups.append({"params": let_params, "lr": cfg.let_lr})
         before = _mse(ctx, targets)
+        trained = before
         if groups and cfg.steps:
+            init = [p.detach().clone() for g in groups for p in g["params"]]
             train_block(ctx.block, groups, ctx.inputs, ctx.kwargs, targets, cfg.steps, 0.0, cfg.train_batch,
                         cfg.seed + ctx.index, desc=f"omniquant {ctx.name}")
-        trained = _mse(ctx, targets)
+            trained = _mse(ctx, targets)
+            if trained > before:  # a short noisy run made it worse on the whole calibration set: keep the init
+                with torch.no_grad():
+                    for p, p0 in zip([p for g in groups for p in g["params"]], init):
+                        p.copy_(p0)
+                trained = before
         _freeze(ctx, views, folds, spec)
         log[ctx.name] = (before, trained, _mse(ctx, targets))
 
     sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="omniquant")
     model.qft_omniquant_log = log  # {block: (mse at init, mse trained, mse of the frozen QuantLinears)}
     return model
+
+
+@torch.no_grad()
+def _init_clip(views: dict, stats: dict, spec: QuantSpec) -> None:
+    """LWC logits from the clip search on each (LET-scaled) weight; the inputs scale by 1/s too."""
+    from qft.ptq.clip import group_grams, search_clip
+    for short, v in views.items():
+        st = stats.get(short)
+        if st is None or st.hessian is None:
+            continue
+        h = st.hessian / max(st.count, 1)
+        if v.in_scale is not None:
+            s = v.in_scale().detach().float()
+            h = h / (s.unsqueeze(0) * s.unsqueeze(1))
+        a, b = search_clip(v.weight().detach(), group_grams(h, v.gs), spec)
+        v.gamma.data.copy_(torch.logit(a.clamp(0.02, 0.995)))
+        v.beta.data.copy_(torch.logit(b.clamp(0.02, 0.995)))
 
 
 @torch.no_grad()
