@@ -75,16 +75,23 @@ class FoldedRMSNorm(nn.Module):
 
     @classmethod
     def from_norm(cls, norm: nn.Module, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        """Wrap a Llama-style RMSNorm (``weight``, ``variance_epsilon`` or ``eps``)."""
+        """``(norm(x) + bias)[..., perm]`` as one FoldedRMSNorm. ``norm`` is a Llama-style RMSNorm
+        (``weight``, ``variance_epsilon`` or ``eps``) or a FoldedRMSNorm (its permutation and bias compose)."""
         w = norm.weight.detach()
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        old_perm, old_bias = getattr(norm, "perm", None), getattr(norm, "bias", None)
+        if old_bias is not None:
+            bias = old_bias.detach() + (0 if bias is None else bias.to(old_bias))
+        if old_perm is not None:
+            perm = old_perm if perm is None else old_perm[perm.to(old_perm.device)]
         m = cls(w.numel(), eps, perm is not None, bias is not None, w.dtype, w.device)
+        rel = None if perm is None else _rel(perm.to(w.device), old_perm)  # in the norm's output order
         with torch.no_grad():
-            m.weight.copy_(w if perm is None else w[perm.to(w.device)])
+            m.weight.copy_(w if rel is None else w[rel])
             if perm is not None:
                 m.perm.copy_(perm)
             if bias is not None:
-                m.bias.copy_(bias if perm is None else bias[perm.to(bias.device)])
+                m.bias.copy_(bias if rel is None else bias[rel.to(bias.device)])
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +128,15 @@ class FoldedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.variance_epsilon}, permuted={self.perm is not None}, bias={self.bias is not None}"
+
+
+def _rel(perm: torch.Tensor, old_perm: torch.Tensor | None) -> torch.Tensor:
+    """The permutation relative to the norm's current output order (perm = old_perm[rel])."""
+    if old_perm is None:
+        return perm
+    inv = torch.empty_like(old_perm)
+    inv[old_perm] = torch.arange(old_perm.numel(), device=old_perm.device)
+    return inv[perm]
 
 
 def _fill(m: nn.Module, tensors: dict) -> None:
