@@ -2,6 +2,7 @@
 sign-only with a per-row scale and against RTN at 1 and 2 bits (no training anywhere).
 
     python benchmarks/bench_onebit.py [--rows fp,rtn2g64,...] [--n-windows 20] [--out results.json]
+    python benchmarks/bench_onebit.py --weights-only      # layer errors only (no perplexity; fast)
 
 Protocol: qft.eval default (20 x 512-token windows, stride 512, no BOS) on wikitext-2 test and on
 tinyshakespeare (other domain); KL(teacher || model) on the same positions. Calibration data for
@@ -50,9 +51,11 @@ def build(row: str, base, calib):
         gs = int(row.split("g")[1]) if "g" in row else None
         spec = QuantSpec(bits=bits, group_size=gs, scheme="sign" if bits == 1 else "int")
         quantize_model(m, spec)
-        k = 576
-        overhead = (16 if bits == 1 else 32) / (gs or k)  # fp16 scale (+ zero for int)
-        return m, bits + overhead
+        from qft.nn.swap import quant_linears
+        layers = [l for _, l in quant_linears(m)]
+        per_group = 16 if bits == 1 else 32  # fp16 scale (+ zero for int) per group
+        tot = sum(l.in_features * l.out_features for l in layers)
+        return m, sum((bits + per_group / l.group_size) * l.in_features * l.out_features for l in layers) / tot
     opts = {"signrow": dict(init="sign_rowmean"), "svid": {}, "svid_nmf": dict(decomposition="nmf"),
             "svid_act": dict(act_aware=True)}[row]
     onebit_svid(m, "w1", calib=calib, **opts)
@@ -62,6 +65,22 @@ def build(row: str, base, calib):
     return m, sum(l.bits_per_weight() * l.in_features * l.out_features for l in layers) / tot
 
 
+def weight_errors(model, base, rms: dict) -> tuple[float, float]:
+    """Mean over replaced layers of ||W - W^|| / ||W|| and of the same with columns weighted by the
+    calibration input RMS (a diagonal proxy of the layer-output error)."""
+    from qft.nn import QuantLinear
+    from qft.nn.onebit import OneBitLinear
+    plain, weighted = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, OneBitLinear)):
+            w = base.get_submodule(name).weight.data.float()
+            d = (m.dequantize(torch.float32) - w)
+            plain.append(float(d.norm() / w.norm()))
+            r = rms[name].to(w.device)
+            weighted.append(float((d * r).norm() / (w * r).norm()))
+    return sum(plain) / len(plain), sum(weighted) / len(weighted)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
@@ -69,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--weights-only", action="store_true", help="only the layer weight errors (no perplexity)")
     args = ap.parse_args(argv)
     rows = args.rows.split(",")
     bad = [r for r in rows if r not in ROWS]
