@@ -158,3 +158,27 @@ def test_w4a8kv4_trains_and_kv_hooks_quantize():
     with torch.no_grad():
         b = merged(input_ids=x).logits
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qparams", ["dynamic", "fixed"])
+def test_fused_lora_in_quantizer_matches_autograd(qparams):
+    """The memory-lean autograd.Function gives the outputs and gradients of plain autograd."""
+    from qft.train.lora import QuantizerLoraLinear
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 12))
+    grads, outs = [], []
+    for fused in (True, False):
+        pm = apply_lora(quantize_model(tiny_llama(), "w3g32"), "lora-in-quantizer", r=4, qparams=qparams)
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+        for m in pm.modules():
+            if isinstance(m, QuantizerLoraLinear):
+                m.use_fused = fused
+        out = pm(input_ids=x, labels=x)
+        out.loss.backward()
+        outs.append(out.logits.detach())
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-3), k

@@ -132,6 +132,47 @@ def _gathered(*params):
     return deepspeed.zero.GatheredParameters(ps, modifier_rank=None)
 
 
+def _qdq_mask(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gs: int):
+    """(Q(w) [N, K], STE mask [N, K] bool: True where the code was not clamped), integer grid."""
+    n, k = w.shape
+    q = torch.round(Q.group_view(w, gs) / s.unsqueeze(-1)) + z.unsqueeze(-1)
+    maxq = 2 ** bits - 1
+    mask = (q >= 0) & (q <= maxq)
+    wq = (q.clamp(0, maxq) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+    return wq.reshape(n, k), mask.reshape(n, k)
+
+
+class _LoraInQuantizerFn(torch.autograd.Function):
+    """y = x @ Q(W0 + s B A)^T + bias with the STE, saving only x, W0, A, B for backward.
+
+    The quantized weight, its clamp mask and W0 + s B A are recomputed in backward, so memory per
+    layer is that of plain LoRA plus transient [N, K] buffers (autograd through ``fake_quant``
+    would keep an fp32 copy and the mask of every layer until backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w0, a, b, bias, scaling, bits, gs, qfn):
+        with torch.no_grad():
+            w = w0.float() + scaling * (b.float() @ a.float())
+            s, z = qfn(w)
+            wq, _ = _qdq_mask(w, s, z, bits, gs)
+        ctx.save_for_backward(x, w0, a, b)
+        ctx.cfg = (scaling, bits, gs, qfn)
+        return nn.functional.linear(x, wq.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w0, a, b = ctx.saved_tensors
+        scaling, bits, gs, qfn = ctx.cfg
+        w = w0.float() + scaling * (b.float() @ a.float())
+        s, z = qfn(w)
+        wq, mask = _qdq_mask(w, s, z, bits, gs)
+        gx = g @ wq.to(g.dtype)
+        gw = (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()) * mask
+        ga = (scaling * (b.float().t() @ gw)).to(a.dtype)
+        gb = (scaling * (gw @ a.float().t())).to(b.dtype)
+        return gx, None, ga, gb, None, None, None, None, None
+
+
 class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
     """peft LoRA inside the quantizer: y = x_q @ Q(W0 + s B A)^T (+ bias), STE through Q.
 
@@ -142,6 +183,7 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
 
     adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_clip",)
     qparams_mode = "dynamic"
+    use_fused = True  # memory-lean autograd.Function when possible (see _fused_adapter)
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         base = self.get_base_layer()
@@ -159,14 +201,30 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
                                                        cmax, cmin, device=base.scale.device)
         self.set_adapter(self.active_adapters)
 
+    def _fused_adapter(self) -> str | None:
+        """The adapter name when the fused function applies: one active adapter, integer grid,
+        dynamic/fixed qparams, nothing partitioned by ZeRO-3. None otherwise."""
+        base = self.get_base_layer()
+        names = [a for a in self.active_adapters if a in self.lora_A]
+        if not self.use_fused or len(names) != 1 or self.qparams_mode == "lwc" or base.scheme != "int":
+            return None
+        a, b = self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+        if any(hasattr(p, "ds_id") for p in (base.weight, a, b)):
+            return None
+        return names[0]
+
     def _delta(self) -> torch.Tensor | None:
+        fused = self._fused_adapter()
+        if fused is not None:  # the same arithmetic as _LoraInQuantizerFn, so the merge is bit-exact
+            a, b = self.lora_A[fused].weight, self.lora_B[fused].weight
+            return self.scaling[fused] * (b.float() @ a.float())
         delta = None
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
             eye = torch.eye(self.in_features, dtype=a.weight.dtype, device=a.weight.device)
-            d = b(a(eye)).t().float() * self.scaling[name]  # (B A) through the modules
+            d = b(a(eye)).t().float() * self.scaling[name]  # (B A) through the modules (ZeRO-3 safe)
             delta = d if delta is None else delta + d
         return delta
 
@@ -184,6 +242,13 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
             if base.scheme == "int":
                 return Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
             return Q.codebook_qparams(w, base.scheme, base.bits, base.group_size)
+
+    def _qfn(self):
+        base = self.get_base_layer()
+        if self.qparams_mode == "fixed":
+            return lambda w: (base.scale, base.zero)
+        cmax, cmin = _clip_ratios(base)
+        return lambda w: Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
 
     def _weight(self) -> torch.Tensor:
         base = self.get_base_layer()
@@ -204,6 +269,11 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         base = self.get_base_layer()
         if self.disable_adapters or self.merged:
             return base(x)
+        fused = self._fused_adapter()
+        if fused is not None:
+            return _LoraInQuantizerFn.apply(_act(base, x), base.weight, self.lora_A[fused].weight,
+                                            self.lora_B[fused].weight, base.bias, self.scaling[fused], base.bits,
+                                            base.group_size, self._qfn())
         wq = self.quantized_weight().to(x.dtype)
         with _gathered(base.bias):
             bias = None if base.bias is None else base.bias.to(x.dtype).clone()
