@@ -167,7 +167,7 @@ class _LoraInQuantizerFn(torch.autograd.Function):
         s, z = qfn(w)
         wq, mask = _qdq_mask(w, s, z, bits, gs)
         gx = g @ wq.to(g.dtype)
-        gw = (g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()) * mask
+        gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float() * mask  # GEMM in x's dtype
         ga = (scaling * (b.float().t() @ gw)).to(a.dtype)
         gb = (scaling * (gw @ a.float().t())).to(b.dtype)
         return gx, None, ga, gb, None, None, None, None, None
