@@ -135,10 +135,17 @@ def _decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr
     vm_base = vm_ptr + b * svs_b + hk * svs_h
     t_lo = sid * tps
     t_hi = tl.minimum(t_lo + tps, n_q)
+    t_last = t_lo + ((t_hi - t_lo - 1) // G) * G
+    first = ((t_lo + rt) < t_hi)[:, None]
+    kw_cur = tl.load(kq_base + (t_lo + rt)[:, None] * DW + rw[None, :], mask=first, other=0)
+    vw_cur = tl.load(vq_base + (t_lo + rt)[:, None] * DW + rw[None, :], mask=first, other=0)
     for t0 in range(t_lo, t_hi, G):
         tok = t0 + rt
+        tn = tl.minimum(t0 + G, t_last) + rt  # prefetch the next tile's packed words
+        kw_nxt = tl.load(kq_base + tn[:, None] * DW + rw[None, :])
+        vw_nxt = tl.load(vq_base + tn[:, None] * DW + rw[None, :])
         # ---- keys: per-channel scale of this token group folded into q
-        f_lo, f_hi = _unit_floats(tl.load(kq_base + tok[:, None] * DW + rw[None, :]), BITS)
+        f_lo, f_hi = _unit_floats(kw_cur, BITS)
         g = t0 // G
         a_lo = tl.load(ks_base + g * D + d_lo).to(tl.float32) * U
         a_hi = tl.load(ks_base + g * D + d_hi).to(tl.float32) * U
@@ -157,13 +164,15 @@ def _decode_kernel(q_ptr, kq_ptr, ks_ptr, km_ptr, vq_ptr, vs_ptr, vm_ptr, kr_ptr
         p = tl.exp2(scores - m_i)
         l_i += tl.sum(p, axis=0)
         # ---- values: per-token scale of each channel group
-        fv_lo, fv_hi = _unit_floats(tl.load(vq_base + tok[:, None] * DW + rw[None, :]), BITS)
+        fv_lo, fv_hi = _unit_floats(vw_cur, BITS)
         av = tl.load(vs_base + tok[:, None] * NG + gw[None, :]).to(tl.float32) * U  # [G, DW]
         bv = tl.load(vm_base + tok[:, None] * NG + gw[None, :]).to(tl.float32) - av
         pa = (p[:, None] * av)[:, :, None]
         acc_lo += pa * fv_lo
         acc_hi += pa * fv_hi
         acc_b += p[:, None] * bv
+        kw_cur = kw_nxt
+        vw_cur = vw_nxt
     if sid == S - 1:  # the full-precision window, G tokens at a time
         for r0 in range(0, n_res, G):
             tok = r0 + rt
@@ -230,8 +239,9 @@ def decode_attention(q, kq, ks, km, vq, vs, vm, k_res, v_res, bits: int, group: 
     if "tps" in OVERRIDE:
         tps = OVERRIDE["tps"]
     else:
-        splits = max(1, (4 * sms) // (bsz * hq))
-        tps = max(4 * group, triton.cdiv(triton.cdiv(max(n_q, 1), splits), group) * group)
+        # enough programs to keep ~16 warps per SM busy (decode is latency-bound otherwise)
+        splits = max(1, (OVERRIDE.get("programs_per_sm", 8) * sms) // (bsz * hq))
+        tps = max(2 * group, triton.cdiv(triton.cdiv(max(n_q, 1), splits), group) * group)
     n_split = max(1, triton.cdiv(n_q, tps))
     o = alloc((bsz * hq, n_split, d), torch.float32, q.device)
     ml = alloc((bsz * hq, n_split, 2), torch.float32, q.device)

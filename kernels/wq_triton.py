@@ -152,11 +152,11 @@ def _dequant_tile(w, s, z, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k0, K, Kw, GS, nmask, rkw, xk0,
-               VPW: tl.constexpr, H: tl.constexpr, U: tl.constexpr, EVEN: tl.constexpr):
-    """Loads of one K step: words [BN, BKW], x halves [BKW, H], per-row s*U and 1 + z/U."""
+               VPW: tl.constexpr, H: tl.constexpr, U: tl.constexpr, EVEN: tl.constexpr, MULTI: tl.constexpr):
+    """Loads of one K step: words [BN, BKW], x halves [BKW, H], s*U and 1 + z/U per row ([BN, 1]) or,
+    when a step spans several groups (MULTI), per word ([BN, BKW], gathered from L1)."""
     kw = k0 // VPW + rkw
     xk = k0 + xk0
-    g = k0 // GS
     if EVEN:
         w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None], other=0)
         x_lo = tl.load(x_row + xk)
@@ -165,8 +165,15 @@ def _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k0, K, Kw, GS, nmask, rkw, xk0,
         w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
         x_lo = tl.load(x_row + xk, mask=xk < K, other=0.0)
         x_hi = tl.load(x_row + xk + H, mask=xk + H < K, other=0.0)
-    s = tl.load(s_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * U
-    c = 1.0 + tl.load(z_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * (1.0 / U)
+    if MULTI:
+        g = ((k0 + rkw * VPW) // GS)[None, :]
+        gm = nmask[:, None] & (kw[None, :] < Kw)
+        s = tl.load(s_ptrs[:, None] + g, mask=gm, other=0.0).to(tl.float32) * U
+        c = 1.0 + tl.load(z_ptrs[:, None] + g, mask=gm, other=0.0).to(tl.float32) * (1.0 / U)
+    else:
+        g = k0 // GS
+        s = (tl.load(s_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * U)[:, None]
+        c = (1.0 + tl.load(z_ptrs + g, mask=nmask, other=0.0).to(tl.float32) * (1.0 / U))[:, None]
     return w, x_lo.to(tl.float32), x_hi.to(tl.float32), s, c
 
 
@@ -174,7 +181,7 @@ def _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k0, K, Kw, GS, nmask, rkw, xk0,
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  N, K, Kw, G, GS, stride_xm, stride_ym, k_per_split,
                  BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr, MULTI: tl.constexpr):
     """One program: BN rows x one K split for one activation row. The next K step's loads are
     issued before the current step's math (register double-buffering)."""
     pid_n = tl.program_id(0)
@@ -196,16 +203,16 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     z_ptrs = z_ptr + rn * G
     x_row = x_ptr + pid_m * stride_xm
     w, x_lo, x_hi, s, c = _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, k_lo, K, Kw, GS, nmask, rkw, xk0,
-                                     VPW, H, U, EVEN)
-    k_last = tl.maximum(k_hi - BK, k_lo)  # the prefetch past the end re-reads the last step (in bounds)
+                                     VPW, H, U, EVEN, MULTI)
+    k_last = k_lo + ((k_hi - k_lo - 1) // BK) * BK  # last step; the prefetch past the end re-reads it
     for k0 in range(k_lo, k_hi, BK):
         w_n, x_lo_n, x_hi_n, s_n, c_n = _gemv_load(w_ptrs, x_row, s_ptrs, z_ptrs, tl.minimum(k0 + BK, k_last), K,
-                                                   Kw, GS, nmask, rkw, xk0, VPW, H, U, EVEN)
+                                                   Kw, GS, nmask, rkw, xk0, VPW, H, U, EVEN, MULTI)
         # sum_j (q_j - z) s x_j = s U (sum_j f_j x_j - (1 + z / U) sum_j x_j),  f_j = 1 + q_j / U
         f_lo, f_hi = _unit_floats(w, BITS)
         part = tl.sum(f_lo * x_lo[None, :, :], axis=2) + tl.sum(f_hi * x_hi[None, :, :], axis=2)
         xs = tl.sum(x_lo, axis=1) + tl.sum(x_hi, axis=1)
-        acc += (part - c[:, None] * xs[None, :]) * s[:, None]
+        acc += (part - c * xs[None, :]) * s
         w, x_lo, x_hi, s, c = w_n, x_lo_n, x_hi_n, s_n, c_n
     acc = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -253,7 +260,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     # pipeliner does not cover them: prefetch the next K step's words by hand.
     kw = k_lo // VPW + rkw
     w = tl.load(w_ptrs + kw[None, :], mask=nmask[:, None] & (kw[None, :] < Kw), other=0)
-    k_last = tl.maximum(k_hi - BK, k_lo)  # the prefetch past the end re-reads the last step
+    k_last = k_lo + ((k_hi - k_lo - 1) // BK) * BK  # last step; the prefetch past the end re-reads it
     for k0 in range(k_lo, k_hi, BK):
         kw_n = tl.minimum(k0 + BK, k_last) // VPW + rkw
         w_n = tl.load(w_ptrs + kw_n[None, :], mask=nmask[:, None] & (kw_n[None, :] < Kw), other=0)
@@ -369,9 +376,10 @@ def gemv(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bn=None, bk=None, s
     m, k = x2.shape
     n = p.out_features
     cfg = OVERRIDE.get("gemv", {})
-    # defaults from the H100 sweep (BENCHMARKS.md): small one-warp programs, many of them
-    bk = bk or cfg.get("bk") or _step_k(p, 256)
-    bk = min(bk, _step_k(p, bk))
+    # defaults from the H100 runs (BENCHMARKS.md): one-warp programs, many of them; K steps of
+    # 256 values (a step may span several groups: scales are then gathered per word)
+    bk = bk or cfg.get("bk") or max(256, 32 // p.bits * 16)
+    multi = p.n_groups > 1 and p.group_size % bk != 0
     bn = bn or cfg.get("bn") or min(16, next_pow2(n))
     nw = num_warps or cfg.get("num_warps") or 1
     n_tiles = triton.cdiv(n, bn)
@@ -390,7 +398,7 @@ def gemv(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bn=None, bk=None, s
         x2, p.qweight, p.scales, p.zeros, bias if bias is not None else p.scales, out,
         n, k, p.qweight.shape[1], p.n_groups, p.group_size, x2.stride(0), out.stride(0), k_per,
         BITS=p.bits, BN=bn, BK=bk, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        EVEN=(k % bk == 0 and k_per % bk == 0), num_warps=nw)
+        EVEN=(k % bk == 0 and k_per % bk == 0), MULTI=multi, num_warps=nw)
     return out.to(x2.dtype) if atomic else out
 
 
@@ -465,12 +473,25 @@ _CHOICE: dict = {}
 
 
 def _time_once(fn, reps=3) -> float:
+    """GPU time of ``reps`` calls, replayed from a CUDA graph so Python/launch overhead does not
+    bias the choice (falls back to plain events where capture fails)."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
+    try:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        g.replay()
+        start.record()
+        g.replay()
+        end.record()
+    except Exception:
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
     end.synchronize()
     return start.elapsed_time(end)
 
@@ -492,13 +513,36 @@ def _large_m_path(x2, p, bias) -> str:
     return _CHOICE[key]
 
 
+# GEMV candidates (K step, rows per program, warps), timed once per shape on first use
+GEMV_CONFIGS = [(128, 16, 1, None), (256, 16, 1, None), (512, 16, 1, None), (256, 16, 1, 4), (256, 32, 2, 2),
+                (512, 32, 4, 1), (256, 64, 4, 2)]  # (K step, rows per program, warps, split-K or auto)
+_GEMV_CFG: dict = {}
+
+
+def _gemv_tuned(x2, p, bias):
+    key = (x2.shape[0], p.out_features, p.in_features, p.bits, p.group_size, x2.dtype, x2.device)
+    cfg = _GEMV_CFG.get(key)
+    if cfg is None:
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or OVERRIDE.get("gemv"):
+            return gemv(x2, p, bias)
+        best = None
+        for bk, bn, nw, sk in GEMV_CONFIGS:
+            if bk < 32 // p.bits * 16:
+                continue
+            t = _time_once(lambda: gemv(x2, p, bias, bk=bk, bn=bn, num_warps=nw, split_k=sk), reps=5)
+            if best is None or t < best[0]:
+                best = (t, dict(bk=bk, bn=bn, num_warps=nw, split_k=sk))
+        cfg = _GEMV_CFG[key] = best[1]
+    return gemv(x2, p, bias, **cfg)
+
+
 def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
     """y = x2 @ deq(W)^T (+ bias) for a 2-D contiguous x2 (last dim = in_features)."""
     m = x2.shape[0]
     if m == 0:
         return x2.new_empty((0, p.out_features))
     if m <= GEMV_MAX_M:
-        return gemv(x2, p, bias)
+        return _gemv_tuned(x2, p, bias)
     if m >= LARGE_M and _large_m_path(x2, p, bias) == "deq":
         return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
     return gemm(x2, p, bias)

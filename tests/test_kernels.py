@@ -104,6 +104,8 @@ WQ_CASES = [
     (3, 37, 96, 4, 32, True, BF),
     (1, 192, 576, 4, 64, False, BF),     # SmolLM2 k_proj shape
     (2, 576, 192, 4, None, False, BF),   # per-channel
+    (1, 40, 576, 4, None, False, BF),    # per-channel, K not a multiple of the K step
+    (5, 40, 576, 4, None, False, BF),
     (5, 33, 256, 2, 64, False, BF),
     (17, 48, 192, 3, 64, False, HF),
     (1, 40, 64, 8, 64, True, BF),
