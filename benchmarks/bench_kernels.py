@@ -302,6 +302,46 @@ def section_sweep(args):
         del w, qw, ps
 
 
+def section_quick(args):
+    """A short re-check: W4 g128 M=1/16 on the two target shapes and KV2/KV4 at 16K."""
+    say("\n## quick re-check (graph timing)\n")
+    say("| case | bf16 us | qft us | x bf16 | tinygemm us | x bf16 |")
+    say("|---|---|---|---|---|---|")
+    for (k, n) in [(8192, 28672), (4096, 11008)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw, s, z = R.quantize_rtn(w, 4, 128)
+        s = s.to(torch.bfloat16)
+        cq = copies_for(qw.numel() * 4)
+        qs = [(qw, s, z)] + [(qw.clone(), s.clone(), z.clone()) for _ in range(cq - 1)]
+        ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        tg, _ = tinygemm_setup(w)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            err = rel(K.qlinear(x, qw, s, z, 4, 128, k), R.qlinear(x.float(), qw, s, z, 4, 128, k))
+            t_bf = gbench([lambda wi=wi: F.linear(x, wi) for wi in ws])
+            t_q = gbench([lambda t=t: K.qlinear(x, t[0], t[1], t[2], 4, 128, k) for t in qs])
+            t_tg = gbench([lambda: tg(x)]) if tg else float("nan")
+            say(f"| W4 g128 {k}x{n} M={m} (err {err:.1e}) | {t_bf:.1f} | {t_q:.1f} | {t_bf / t_q:.2f} | {t_tg:.1f} | "
+                f"{t_bf / t_tg:.2f} |")
+        del w, ws, qs
+    from qft.kernels import wq_triton as W
+    say(f"tuned GEMV configs: {W._GEMV_CFG}")
+    b, h, d, t = 1, 32, 128, 16384
+    k_ = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16)
+    v_ = torch.randn_like(k_)
+    q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+    t_sdpa = gbench([lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k_, v_)])
+    for bits in (4, 2):
+        caches = []
+        for _ in range(4):
+            c = K.KiviCache(b, h, d, t + 128, bits=bits, group=32, residual=128, device="cuda")
+            c.append(k_, v_)
+            caches.append(c)
+        err = rel(caches[0].attention(q), R.kv_decode_attention(q.float(), *caches[0].tensors(), bits, 32))
+        t_kv = gbench([lambda c=c: c.attention(q) for c in caches])
+        say(f"| KV{bits} decode 16K (err {err:.1e}) | {t_sdpa:.1f} (SDPA) | {t_kv:.1f} | {t_sdpa / t_kv:.2f} | | |")
+
+
 def section_e2e(args):
     """Greedy decode, Llama-7B-shaped (random weights), batch 1, CUDA graph per step."""
     say("\n## End-to-end greedy decode, Llama-7B-shaped random weights, batch 1\n")
@@ -398,7 +438,7 @@ def main():
     secs = args.sections.split(",")
     fns = {"w4": lambda: section_w4(args, ceiling), "lowbit": lambda: section_lowbit(args),
            "int8": lambda: section_int8(args), "kv": lambda: section_kv(args), "e2e": lambda: section_e2e(args),
-           "sweep": lambda: section_sweep(args)}
+           "sweep": lambda: section_sweep(args), "quick": lambda: section_quick(args)}
     for sname in secs:
         t0 = time.time()
         try:
