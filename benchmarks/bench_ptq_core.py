@@ -46,9 +46,9 @@ ROWS = {
                               {"lkd": True, "steps": 20}, True),
     "rtn_w4g64": ("rtn", "w4g64", {}, False),
     "gptq_w4g64": ("gptq", "w4g64", {}, True),
-    "omniquant_w4a16g64": ("omniquant", "w4g64", {"steps": 20, "train_batch": 1}, True),
-    "omniquant_w6a6": ("omniquant", QuantSpec(bits=6, group_size=None, act_bits=6), {"steps": 20, "train_batch": 1}, True),
-    "omniquant_w4a8": ("omniquant", QuantSpec(bits=4, group_size=64, act_bits=8), {"steps": 20, "train_batch": 1}, True),
+    "omniquant_w4a16g64": ("omniquant", "w4g64", {"steps": 10, "train_batch": 1}, True),
+    "omniquant_w6a6": ("omniquant", QuantSpec(bits=6, group_size=None, act_bits=6), {"steps": 10, "train_batch": 1}, True),
+    "omniquant_w4a8": ("omniquant", QuantSpec(bits=4, group_size=64, act_bits=8), {"steps": 10, "train_batch": 1}, True),
     "kivi_kv4": ("kivi", None, {"bits": 4, "group_size": 32, "residual_length": 128}, False),
     "kivi_kv2": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128}, False),
 }

@@ -25,7 +25,7 @@ def setup():
                                       (QuantSpec(bits=4, group_size=32, act_bits=6), True)])
 def test_training_lowers_error_and_freezing_is_exact(setup, spec, let):
     m, calib = setup
-    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4, init="minmax")
+    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4, init="minmax", check=True)
     for before, trained, frozen in q.qft_omniquant_log.values():
         assert trained < before
         assert abs(frozen - trained) <= 1e-3 * trained + 1e-9  # folded norms / rows + integers = the view

@@ -198,7 +198,7 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
                         p.copy_(p0)
                 trained = before
         _freeze(ctx, views, folds, spec)
-        log[ctx.name] = (before, trained, _mse(ctx, targets))
+        log[ctx.name] = (before, trained, _mse(ctx, targets) if cfg.check else None)
 
     sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="omniquant")
     model.qft_omniquant_log = log  # {block: (mse at init, mse trained, mse of the frozen QuantLinears)}
