@@ -12,9 +12,10 @@ A transform is structured so that it is cheap to store and apply: T = (A kron B)
 (:func:`make_transform`):
 
 * ``kron``: A and B Haar-random orthogonal with p, q close to sqrt(n) (QuIP's Kronecker construction);
-* ``hadamard``: B the normalized Walsh-Hadamard matrix of the largest power of two dividing n, A a
-  random orthogonal matrix of the remaining odd-ish factor (a randomized Hadamard transform when n
-  is a power of two; SmolLM2's 576 = 9 * 64 and 1536 = 3 * 512 need the random factor).
+* ``hadamard``: B the normalized Walsh-Hadamard matrix of the largest power of two dividing n
+  (rebuilt at load, not stored), A a random orthogonal matrix of the remaining odd factor (a
+  randomized Hadamard transform when n is a power of two; SmolLM2's 576 = 9 * 64 and
+  1536 = 3 * 512 need the small random factor).
 
 The quantized W' uses qft's uniform grid (canonical int32 packing, per-group scales / integer zeros)
 and runs through ``qft.kernels.qlinear``; the module implements the native export contract.
@@ -113,7 +114,8 @@ class HadamardLinear(ExportMixin, nn.Module):
             p, q = factor_sizes(size, kind)
             self.register_buffer(f"{side}_signs", torch.ones(size, dtype=torch.int8, device=device))
             self.register_buffer(f"{side}_a", torch.eye(p, **z))
-            self.register_buffer(f"{side}_b", torch.eye(q, **z))
+            if kind != "hadamard":  # the Hadamard factor is deterministic: built on use, not stored
+                self.register_buffer(f"{side}_b", torch.eye(q, **z))
         self.bias = _bias_param(n, bias, dtype, device)
 
     @classmethod
@@ -129,7 +131,8 @@ class HadamardLinear(ExportMixin, nn.Module):
         for side, (s, a, b) in (("in", t_in), ("out", t_out)):
             getattr(m, f"{side}_signs").copy_(s.to(torch.int8))
             getattr(m, f"{side}_a").copy_(a)
-            getattr(m, f"{side}_b").copy_(b)
+            if kind != "hadamard":
+                getattr(m, f"{side}_b").copy_(b)
         if bias is not None:
             m.bias.copy_(bias)
         return m
@@ -143,8 +146,19 @@ class HadamardLinear(ExportMixin, nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "bits": self.bits, "group_size": self.group_size, "kind": self.kind}
 
+    def _b(self, side: str) -> torch.Tensor:
+        if self.kind != "hadamard":
+            return getattr(self, f"{side}_b")
+        a = getattr(self, f"{side}_a")
+        n = getattr(self, f"{side}_signs").numel() // a.shape[0]
+        key = (side, a.device, a.dtype)
+        cache = self.__dict__.setdefault("_hadamard", {})
+        if key not in cache:
+            cache[key] = hadamard_matrix(n).to(device=a.device, dtype=a.dtype)
+        return cache[key]
+
     def transforms(self):
-        return ((self.in_signs, self.in_a, self.in_b), (self.out_signs, self.out_a, self.out_b))
+        return ((self.in_signs, self.in_a, self._b("in")), (self.out_signs, self.out_a, self._b("out")))
 
     def quantized_transformed(self, dtype=torch.float32) -> torch.Tensor:
         """Q(W') [N, K], the dequantized weight in the transformed basis."""
@@ -170,8 +184,9 @@ class HadamardLinear(ExportMixin, nn.Module):
     def bits_per_weight(self) -> float:
         n, k, b = self.out_features, self.in_features, self.bits
         g = k // self.group_size
-        side = sum(size + 16 * (a.numel() + bb.numel()) for size, a, bb in
-                   ((k, self.in_a, self.in_b), (n, self.out_a, self.out_b)))
+        stored = self.state_dict()
+        side = k + n + 16 * sum(stored[f"{s}_{f}"].numel() for s in ("in", "out") for f in ("a", "b")
+                                if f"{s}_{f}" in stored)  # signs at 1 bit, factor matrices at 16
         return (n * k * b + n * g * (16 + b) + side) / (n * k)
 
     def extra_repr(self) -> str:

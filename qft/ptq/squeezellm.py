@@ -74,21 +74,30 @@ def weighted_kmeans(w: torch.Tensor, weight: torch.Tensor, n_clusters: int, iter
     w = w.float()
     f = weight.float().clamp_min(0)
     f = f / f.mean(1, keepdim=True).clamp_min(1e-30) + 1e-6  # scale-free (squared gradients are tiny)
-    # init: weighted quantiles of each row
+    # two starts per row, the better one kept: weighted quantiles (dense middle) and an even grid
+    # over [min, max] (heavy tails); Lloyd from a single start stalls in poor local optima in 1-D
     order = torch.argsort(w, dim=1)
     ws, fs = torch.gather(w, 1, order), torch.gather(f, 1, order)
     cdf = torch.cumsum(fs, 1) / fs.sum(1, keepdim=True)
     qs = (torch.arange(n_clusters, device=w.device, dtype=torch.float32) + 0.5) / n_clusters
     pos = torch.searchsorted(cdf.contiguous(), qs.expand(w.shape[0], -1).contiguous()).clamp_max(w.shape[1] - 1)
-    c = torch.gather(ws, 1, pos)
-    for _ in range(iters):
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    best_c, best_e = None, None
+    for c in (torch.gather(ws, 1, pos), lo + (hi - lo) * qs[None, :]):
+        for _ in range(iters):
+            c, _ = torch.sort(c, dim=1)
+            a = _assign(w, c)
+            num = torch.zeros_like(c).scatter_add_(1, a, f * w)
+            den = torch.zeros_like(c).scatter_add_(1, a, f)
+            c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
         c, _ = torch.sort(c, dim=1)
-        a = _assign(w, c)
-        num = torch.zeros_like(c).scatter_add_(1, a, f * w)
-        den = torch.zeros_like(c).scatter_add_(1, a, f)
-        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
-    c, _ = torch.sort(c, dim=1)
-    return c, _assign(w, c)
+        e = (f * (w - torch.gather(c, 1, _assign(w, c))) ** 2).sum(1)
+        if best_c is None:
+            best_c, best_e = c, e
+        else:
+            better = (e < best_e)[:, None]
+            best_c, best_e = torch.where(better, c, best_c), torch.minimum(e, best_e)
+    return best_c, _assign(w, best_c)
 
 
 @torch.no_grad()

@@ -1,0 +1,151 @@
+"""PTQ field, weight-only: OWQ, SpQR, SqueezeLLM, QuIP, LUT-GEMM against RTN and GPTQ on SmolLM2-135M.
+
+Every method row runs from its recipe (recipes/smollm2-135m/<method>.yaml: quant spec, options,
+calibration), then exports in the native "qft" format, reloads with ``qft.load`` (checking that
+the reloaded model gives identical logits) and evaluates the *reloaded* model: perplexity and
+KL(FP || quantized) on wikitext-2 test and tinyshakespeare with the default protocol (20 x 512-token
+windows, no BOS). Calibration: windows of wikitext-2 valid.txt (``--calib``, default 128 x 512).
+
+Bits per weight are state bits: codes, plus every scale / table entry / outlier value at 16 bits,
+integer zero points at the weight width, outlier column indices at 16 bits and CSR row pointers at
+32 (RTN/GPTQ w3gG: 3 + 19 / G). Rows are grouped so that each method sits next to the RTN/GPTQ
+setting of about the same average bits.
+
+    python benchmarks/bench_ptq_field_weights.py                          # the full table
+    python benchmarks/bench_ptq_field_weights.py --rows fp,rtn_w3g64,owq --windows 4 --calib 16
+    python benchmarks/bench_ptq_field_weights.py --device cuda            # same protocol on a GPU
+
+Prints a markdown table and appends one JSON line per row to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from qft.eval import EvalProtocol, evaluate, read_text, windows_from_text
+from qft.export import load, save
+from qft.models import load_model
+from qft.nn.qlinear import QuantLinear
+from qft.ptq import run
+from qft.ptq.calibrate import calib_windows
+from qft.spec import QuantSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RECIPES = ROOT / "recipes" / "smollm2-135m"
+# row: (method, spec, options) for baselines; recipe name for the field methods
+ROWS = {
+    "rtn_w3g64": ("rtn", QuantSpec(bits=3, group_size=64, format="qft"), {}),
+    "gptq_w3g64": ("gptq", QuantSpec(bits=3, group_size=64, format="qft"), {}),
+    "squeezellm": "squeezellm", "quip": "quip", "lutgemm": "lutgemm",
+    "rtn_w3g32": ("rtn", QuantSpec(bits=3, group_size=32, format="qft"), {}),
+    "gptq_w3g32": ("gptq", QuantSpec(bits=3, group_size=32, format="qft"), {}),
+    "owq": "owq", "spqr": "spqr",
+}
+
+
+def from_recipe(name: str):
+    r = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    return r["ptq"]["method"], QuantSpec(**r["quant"]), dict(r["ptq"].get("options") or {})
+
+
+def bits_per_weight(model) -> float:
+    """Average state bits per quantized weight (see the module docstring)."""
+    bits = numel = 0
+    for _, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            n = m.in_features * m.out_features
+            b = m.bits + (16 + m.bits) / m.group_size
+        elif hasattr(m, "bits_per_weight") and hasattr(m, "qft_type"):
+            n = m.in_features * m.out_features
+            b = m.bits_per_weight()
+        else:
+            continue
+        bits += b * n
+        numel += n
+    return bits / max(numel, 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="fp," + ",".join(ROWS), help=f"comma list of: fp,{','.join(ROWS)}")
+    ap.add_argument("--windows", type=int, default=20, help="evaluation windows per corpus")
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows (512 tokens, wikitext-2 valid)")
+    ap.add_argument("--data", default=str(DATA), help="folder with wikitext-2/ and tinyshakespeare/")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="out/bench_ptq_field_weights.jsonl")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for r in rows:
+        if r != "fp" and r not in ROWS:
+            raise SystemExit(f"unknown row {r!r}; known: fp, {', '.join(ROWS)}")
+    data = Path(args.data)
+    corpora = {"wikitext2": data / "wikitext-2" / "test.txt", "tinyshakespeare": data / "tinyshakespeare" / "input.txt"}
+    dev = torch.device(args.device)
+    teacher, tok = load_model("smollm2-135m")
+    teacher.to(dev).eval()
+    proto = EvalProtocol(n_windows=args.windows)
+    evals = {c: windows_from_text(tok, read_text(p), proto, source=c) for c, p in corpora.items()}
+    calib = calib_windows(tok, data / "wikitext-2" / "valid.txt", n=args.calib, seq_len=512)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"protocol: {proto.describe()}; calibration: {args.calib} x 512 tokens of wikitext-2 valid.txt; "
+          f"device {args.device}", flush=True)
+    head = ("| row | method | spec / options | bits/weight | wikitext-2 ppl | KL | tinyshakespeare ppl | KL "
+            "| quantize s | reload identical |")
+    lines = []
+    for r in rows:
+        t_q, bpw, same = 0.0, 16.0, True
+        if r == "fp":
+            method, spec, opts, q = "fp", None, {}, teacher
+        else:
+            method, spec, opts = from_recipe(ROWS[r]) if isinstance(ROWS[r], str) else ROWS[r]
+            m = copy.deepcopy(teacher)
+            t0 = time.time()
+            m = run(method, m, spec, calib if method != "rtn" else None, **dict(opts))
+            t_q = time.time() - t0
+            bpw = bits_per_weight(m)
+            with tempfile.TemporaryDirectory() as d:
+                m.to("cpu")
+                save(m, Path(d) / "ck", tok, format="qft")
+                q = load(Path(d) / "ck").to(dev)
+            m.to(dev)
+            x = evals["wikitext2"][:1, :128].to(dev)
+            with torch.no_grad():
+                same = torch.equal(m(x).logits, q(x).logits)
+            del m
+        res = {}
+        for c, w in evals.items():
+            e = evaluate(q, w.to(dev), teacher=None if r == "fp" else teacher, desc=f"{r} {c}")
+            res[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0)}
+        spec_s = spec.name if spec is not None else ""
+        rec = {"row": r, "method": method, "spec": spec_s, "options": opts, "bits_per_weight": bpw,
+               "quantize_s": t_q, "results": res, "calib": args.calib, "windows": args.windows,
+               "device": args.device, "reload_identical": same}
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        optstr = ", ".join(f"{k}={v}" for k, v in opts.items())
+        line = (f"| {r} | {method} | {spec_s} {optstr} | {bpw:.3f} | {res['wikitext2']['ppl']:.2f} | "
+                f"{res['wikitext2']['kl']:.4f} | {res['tinyshakespeare']['ppl']:.2f} | "
+                f"{res['tinyshakespeare']['kl']:.4f} | {t_q:.0f} | {same} |")
+        lines.append(line)
+        print(line, flush=True)
+        if r != "fp":
+            del q
+    print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
