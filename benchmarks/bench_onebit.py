@@ -102,6 +102,19 @@ def main(argv=None):
             "tinyshakespeare": windows_from_text(tok, read_text(data / "tinyshakespeare" / "input.txt"), proto)}
     calib = windows_from_text(tok, read_text(data / "wikitext-2" / "valid.txt"), EvalProtocol(n_windows=16))
     results = []
+    if args.weights_only:
+        from qft.nn.swap import target_linears
+        from qft.ptq.svid import input_rms
+        names = [n for n, _ in target_linears(teacher, QuantSpec(bits=1, scheme="sign", group_size=None))]
+        rms = input_rms(teacher, names, calib)
+        print("| method | bpw | rel. weight error | input-RMS-weighted rel. error |\n|---|---|---|---|")
+        for row in rows:
+            if row == "fp":
+                continue
+            model, bpw = build(row, teacher, calib)
+            e, ew = weight_errors(model, teacher, rms)
+            print(f"| {ROWS[row]} | {bpw:.3f} | {e:.4f} | {ew:.4f} |", flush=True)
+        return
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"protocol: {proto.describe()}; device: {dev}", flush=True)
     for row in rows:

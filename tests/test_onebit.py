@@ -44,6 +44,7 @@ def test_packed_forward_equals_training_forward(seed, mode):
 
 
 def test_packed_forward_in_bf16_matches():
+    torch.manual_seed(0)
     m, _ = _layer(1, dtype=torch.bfloat16)
     x = torch.randn(4, m.in_features).to(torch.bfloat16)
     with torch.no_grad():
@@ -51,6 +52,7 @@ def test_packed_forward_in_bf16_matches():
 
 
 def test_frozen_mode_trains_values_and_keeps_signs():
+    torch.manual_seed(0)
     m, _ = _layer(2, bias=True, layernorm=True)
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert names == {"g", "h", "bias", "ln.weight", "ln.bias"}
@@ -72,6 +74,7 @@ def test_frozen_mode_trains_values_and_keeps_signs():
 
 @pytest.mark.parametrize("surrogate", ["ste", "tanh"])
 def test_latent_mode_trains_signs_through_the_surrogate(surrogate):
+    torch.manual_seed(0)
     m, w = _layer(3, mode="latent", surrogate=surrogate)
     x = torch.randn(16, m.in_features)
     target = torch.randn(16, m.out_features)
@@ -95,6 +98,7 @@ def test_sign_ste_gradients():
 
 
 def test_lora_starts_as_identity_and_merges_by_resvid():
+    torch.manual_seed(0)
     model = tiny_llama(seed=4)
     x = torch.randint(0, 256, (2, 16))
     plain = run("onebit_svid", copy.deepcopy(model), "w1")
@@ -143,6 +147,7 @@ def test_constructor_and_from_export_validate():
 
 
 def test_export_tensors_roundtrip_through_from_export():
+    torch.manual_seed(0)
     m, _ = _layer(6, bias=True, layernorm=True)
     t = m.export_tensors()
     assert t["qweight"].dtype == torch.int32 and t["g"].dtype == torch.float16
@@ -155,6 +160,7 @@ def test_export_tensors_roundtrip_through_from_export():
 
 
 def test_model_save_and_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
     from qft.export import info, load, save
     from qft.formats import MODULE_TYPES
     assert MODULE_TYPES.get("onebit") is OneBitLinear
@@ -179,6 +185,7 @@ def test_model_save_and_load_roundtrip(tmp_path):
 
 
 def test_transformers_from_pretrained_after_import_qft(tmp_path):
+    torch.manual_seed(0)
     import qft  # noqa: F401  (registers the qft quantizer with transformers)
     from transformers import AutoModelForCausalLM
 
