@@ -10,7 +10,10 @@ API (every op has a torch reference of the same name in :mod:`qft.kernels.refere
 * ``qlinear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None)``:
   y = x @ dequant(W)^T (+ bias), weight-only W{1..8}A16 on the canonical packed layout
   (group_size None / 0 / -1 / in_features = per output channel). On the Triton path a GEMV
-  kernel serves M <= 4, a tensor-core GEMM (split-K when the grid is small) larger M.
+  kernel serves M <= 4, a tensor-core GEMM (split-K when the grid is small) larger M, and from
+  M = 128 on the faster of that GEMM and dequantize-then-cuBLAS (timed once per shape). The
+  GEMV configuration is also tuned once per shape on first use: make the first call (warm-up)
+  outside CUDA-graph capture.
   Differentiable in x (and bias) with a fused dequant+matmul backward (qlora); the frozen
   weight gets no gradient. Call it with the canonical buffers: the kernel-ready form (scales
   and zeros in the activation dtype, 3/5/6/7-bit repacked into 4/8-bit containers) is built
