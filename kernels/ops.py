@@ -39,7 +39,8 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_si
     """Kernel-ready struct for canonical tensors, cached by (data_ptr, version) of the inputs.
 
     Already kernel-ready tensors (scales and zeros in ``dtype``, bits in {1,2,4,8}) are wrapped
-    without a copy or a cache entry. Entries die with the canonical ``qweight`` (weakref).
+    without a copy or a cache entry. An entry is used only while the very tensors it was built
+    from are alive (weakrefs) and unmodified (version counters); it dies with any of them.
     """
     from . import wq_triton
 
@@ -50,14 +51,16 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_si
     key = (qweight.data_ptr(), _version(qweight), scales.data_ptr(), _version(scales),
            zeros.data_ptr(), _version(zeros), bits, group_size, in_features, dtype, qweight.device)
     hit = _PREPARED.get(key)
-    if hit is not None and hit[0]() is qweight:
+    if hit is not None and all(r() is t for r, t in zip(hit[0], (qweight, scales, zeros))):
         p = hit[1]
         return p if p.qweight is not None else wq_triton.PreparedQWeight(qweight, *_fields(p)[1:])
     p = wq_triton.prepare(qweight, scales, zeros, bits, group_size, in_features, dtype)
-    # never keep a strong reference to the canonical tensor itself (the entry dies with it)
+    # never keep a strong reference to the canonical tensors (the entry dies with any of them,
+    # so a temporary such as ``scales.to(x.dtype)`` never leaves a stale entry behind)
     stored = p if p.qweight is not qweight else wq_triton.PreparedQWeight(None, *_fields(p)[1:])
-    _PREPARED[key] = (weakref.ref(qweight), stored)
-    weakref.finalize(qweight, _PREPARED.pop, key, None)
+    _PREPARED[key] = ((weakref.ref(qweight), weakref.ref(scales), weakref.ref(zeros)), stored)
+    for t in (qweight, scales, zeros):
+        weakref.finalize(t, _PREPARED.pop, key, None)
     return p
 
 

@@ -177,6 +177,10 @@ def test_prepare_cache():
     s.mul_(2)  # in-place change -> version bump -> rebuilt
     p2 = ops.prepared(qw, s, z, 3, 32, 64, torch.bfloat16)
     assert p2 is not p1 and torch.allclose(p2.scales.float(), s.bfloat16().float())
+    n_before = len(ops._PREPARED)
+    for _ in range(3):  # temporaries (e.g. scales.to(dtype) per call) leave no entries behind
+        ops.prepared(qw, s * 1.0, z, 3, 32, 64, torch.bfloat16)
+    assert len(ops._PREPARED) <= n_before
     x = torch.randn(2, 64, dtype=torch.bfloat16, device=DEV)
     p = K.prepare(qw, s, z, 3, 32, 64, torch.bfloat16)
     assert rel(K.qlinear_prepared(x, p), R.qlinear(x.float(), qw, s, z, 3, 32, 64)) <= 1e-2
