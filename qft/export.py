@@ -256,7 +256,7 @@ def build_empty_module(name: str, entry: dict, dtype) -> nn.Module:
 
 def _register_builtin_types():
     import importlib
-    for mod in ("qft.nn.onebit",):
+    for mod in ("qft.nn.onebit", "qft.nn.mixed", "qft.nn.lut", "qft.nn.hadamard"):
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -74,6 +74,13 @@ def test_end_to_end_export_reload(tmp_path):
     h = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
     assert isinstance(h.model.layers[0].mlp.down_proj, MixedLinear)
     assert torch.equal(h(x).logits, y)
+    # a fresh process that never imported the PTQ methods finds the module type too
+    import subprocess
+    import sys
+    code = (f"import torch, qft; m = qft.load({str(tmp_path / 'ck')!r}); "
+            f"print(type(m.model.layers[0].mlp.down_proj).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "MixedLinear", out.stderr[-2000:]
 
 
 def test_bad_input():
