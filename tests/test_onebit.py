@@ -204,3 +204,55 @@ def test_transformers_from_pretrained_after_import_qft(tmp_path):
     assert isinstance(layer, OneBitLinear) and layer.state == "packed"
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, ref, atol=1e-5)
+
+
+# --- training wiring (qft.train.onebit) --------------------------------------------------------
+
+def _token_dataset(n=8, length=24):
+    from qft.train.data import Collator, TokenDataset
+    g = torch.Generator().manual_seed(0)
+    return TokenDataset([torch.randint(0, 256, (length,), generator=g).tolist() for _ in range(n)]), Collator(258)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "latent"])
+def test_distillation_steps_train_the_right_parameters(tmp_path, mode):
+    from transformers import TrainingArguments
+
+    from qft.train.args import DistillArgs
+    from qft.train.onebit import OneBitArgs, make_optimizer, set_trainable
+    from qft.train.trainer import DistillTrainer
+    torch.manual_seed(0)
+    teacher = tiny_llama(seed=12)
+    student = run("onebit_svid", copy.deepcopy(teacher), "w1", mode=mode)
+    ob = OneBitArgs(mode=mode, train_norms=False)
+    counts = set_trainable(student, ob)
+    assert counts["values"] > 0 and (counts["latent"] > 0) == (mode == "latent") and counts["norms"] == 0
+    layer = student.model.layers[0].mlp.gate_proj
+    signs0, g0 = layer.signs().clone(), layer.g.detach().clone()
+    emb0 = student.model.embed_tokens.weight.detach().clone()
+    opt = make_optimizer(student, 1e-2, 1e-1 if mode == "latent" else 1e-4)
+    assert len(opt.param_groups) == (2 if mode == "latent" else 1)
+    ds, coll = _token_dataset()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    DistillTrainer(model=student, args=args, train_dataset=ds, data_collator=coll, teacher=teacher,
+                   distill=DistillArgs(loss="forward_kl", hidden_weight=1.0), optimizers=(opt, None)).train()
+    assert not torch.equal(layer.g.detach(), g0)
+    assert torch.equal(student.model.embed_tokens.weight.detach(), emb0)
+    if mode == "frozen":
+        assert torch.equal(layer.signs(), signs0)
+    else:
+        assert not torch.equal(layer.signs(), signs0)  # latent lr 0.1 flips some signs in 3 steps
+
+
+def test_onebit_recipe_validation(tmp_path):
+    from qft.train.args import RecipeError
+    from qft.train.onebit import load_onebit_recipe
+    r, ob = load_onebit_recipe("recipes/smollm2-135m/onebit.yaml")
+    assert r.quant.bits == 1 and ob.mode == "latent" and r.distill.hidden_weight == 1.0
+    with pytest.raises(RecipeError, match="onebit: unknown key 'rank'"):
+        load_onebit_recipe("recipes/smollm2-135m/onebit.yaml", ["onebit.rank=4"])
+    with pytest.raises(RecipeError, match="onebit.lora_rank=4"):
+        load_onebit_recipe("recipes/smollm2-135m/onebit.yaml", ["onebit.lora_rank=4"])
+    with pytest.raises(RecipeError, match="quant.bits=2"):
+        load_onebit_recipe("recipes/smollm2-135m/onebit.yaml", ["quant=w2g64"])

@@ -150,11 +150,13 @@ class _StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dataset, collator) -> float:
+def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dataset, collator,
+                           bf16: bool = False) -> float:
     """Median seconds per optimizer step over a short run on a copy of the student (warm-up skipped)."""
     from qft.train.trainer import DistillTrainer
     probe = copy.deepcopy(student)
-    targs = recipe.training_arguments(max_steps=ob.probe_steps, logging_steps=10 ** 6, disable_tqdm=True)
+    targs = recipe.training_arguments(max_steps=ob.probe_steps, logging_steps=10 ** 6, disable_tqdm=True,
+                                      bf16=bf16)
     timer = _StepTimer()
     DistillTrainer(model=probe, args=targs, train_dataset=dataset, data_collator=collator, teacher=teacher,
                    distill=recipe.distill, callbacks=[timer],
@@ -231,14 +233,17 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
         report["fp"] = _evaluate_all(teacher, None, tok, recipe, "fp", cache)
     if "init" in stages:
         report["init"] = _evaluate_all(student, teacher, tok, recipe, "init (SVID)", cache)
-    targs = recipe.training_arguments()
+    extra = {}
+    if device.startswith("cuda") and not {"bf16", "fp16"} & set(recipe.train) and torch.cuda.is_bf16_supported():
+        extra["bf16"] = True  # same recipe on CPU (fp32) and GPU (bf16 autocast) unless it says otherwise
+    targs = recipe.training_arguments(**extra)
     if ob.time_budget_s:
-        sps = probe_seconds_per_step(student, teacher, recipe, ob, dataset, collator)
+        sps = probe_seconds_per_step(student, teacher, recipe, ob, dataset, collator, bf16=targs.bf16)
         steps = max(1, int(ob.time_budget_s / sps))
         report["budget"] = {"time_budget_s": ob.time_budget_s, "probe_seconds_per_step": round(sps, 4),
                             "max_steps": steps}
         print(f"[onebit] probe: {sps:.3f} s/step -> max_steps={steps} for {ob.time_budget_s:.0f} s", flush=True)
-        targs = recipe.training_arguments(max_steps=steps)
+        targs = recipe.training_arguments(max_steps=steps, **extra)
     opt = make_optimizer(student, targs.learning_rate, ob.latent_lr, targs.weight_decay)
     trainer = DistillTrainer(model=student, args=targs, train_dataset=dataset, data_collator=collator,
                              teacher=teacher, distill=recipe.distill, optimizers=(opt, None))
