@@ -9,7 +9,7 @@ import importlib
 
 from qft.registry import METHODS
 
-_MODULES = ["rtn", "svid", "clip", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant", "omniquant", "rptq", "osplus", "llm_fp4", "olive", "owq", "spqr", "squeezellm", "quip", "lutgemm"]
+_MODULES = ["rtn", "svid", "clip", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant", "omniquant", "rptq", "osplus", "llm_fp4", "olive", "wkvquant", "owq", "spqr", "squeezellm", "quip", "lutgemm"]
 for _m in _MODULES:
     importlib.import_module(f"qft.ptq.{_m}")
 
