@@ -140,9 +140,14 @@ def bcq_linear_triton(x, planes, alpha, offset, group_size, in_features, bias=No
     return y.reshape(*shape[:-1], n)
 
 
+LUT_MAX_M = 16  # above this many input rows the dense dequantize + matmul is faster (tensor cores)
+
+
 def bcq_linear(x, planes, alpha, offset, group_size, in_features, bias=None):
-    """BCQ linear: Triton LUT-GEMM where the backend allows (see ``qft.kernels.backend``), else the reference."""
+    """BCQ linear: Triton LUT-GEMM where the backend allows (see ``qft.kernels.backend``) and the
+    input has at most ``LUT_MAX_M`` rows (decode); otherwise the reference (dequantize, matmul)."""
     from . import backend
-    if triton is None or group_size % 32 or backend(x.device) == "torch":
+    m = x.numel() // max(in_features, 1)
+    if triton is None or group_size % 32 or m > LUT_MAX_M or backend(x.device) == "torch":
         return bcq_linear_ref(x, planes, alpha, offset, group_size, in_features, bias)
     return bcq_linear_triton(x, planes, alpha, offset, group_size, in_features, bias)
