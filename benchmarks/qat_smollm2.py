@@ -126,6 +126,9 @@ def main():
     ap.add_argument("--modes", nargs="*", default=["lora-in-quantizer", "qlora", "full"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_qat"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="skip the fp / rtn / clip evaluations")
+    ap.add_argument("--skip-exact-before", action="store_true",
+                    help="lora-in-quantizer: skip the before-merge evaluation (the merge is bit-exact, tested)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -145,22 +148,25 @@ def main():
     res, info = {}, {"selfgen_s": t_selfgen}
     print(f"protocol: {proto.describe()}; train: {a.steps} steps x {a.bs} x {a.train_len} self-generated tokens",
           flush=True)
-    res["fp"] = measure(teacher, sets, None, "fp")
-    rtn = run_ptq("rtn", copy.deepcopy(teacher), spec)
-    res["rtn"] = measure(rtn, sets, teacher, "rtn")
-    del rtn
+    if not a.no_baselines:
+        res["fp"] = measure(teacher, sets, None, "fp")
+        rtn = run_ptq("rtn", copy.deepcopy(teacher), spec)
+        res["rtn"] = measure(rtn, sets, teacher, "rtn")
+        del rtn
     calib = torch.stack([ds[i]["input_ids"] for i in range(16)])
     t0 = time.time()
     clip = run_ptq("clip", copy.deepcopy(teacher), spec, calib=calib)
     info["clip_s"] = time.time() - t0
-    res["clip"] = measure(clip, sets, teacher, "clip")
+    if not a.no_baselines:
+        res["clip"] = measure(clip, sets, teacher, "clip")
     for mode in a.modes:
         model, st = train(mode, clip, teacher, ds, coll, a, out)
         info[mode] = st
         print(f"  {mode}: {st}", flush=True)
         model.eval()
         if mode != "full":
-            res[f"{mode} before merge"] = measure(model, sets, teacher, f"{mode} before")
+            if not (a.skip_exact_before and mode.startswith("lora-in")):
+                res[f"{mode} before merge"] = measure(model, sets, teacher, f"{mode} before")
             model = merge_lora(model)
         else:
             for _, m in quant_linears(model):
@@ -171,6 +177,8 @@ def main():
     info["total_s"] = time.time() - t_all
     (out / f"results-{a.spec}-{a.windows}w-{a.steps}s.json").write_text(json.dumps({"args": vars(a), "results": res,
                                                                                    "info": info}, indent=2))
+    if "fp" not in res:
+        return
     fp = res["fp"]
     print(f"\n{spec.name}, {proto.describe()}, {a.steps} steps x {a.bs} x {a.train_len} tokens, loss {a.loss}, "
           f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
