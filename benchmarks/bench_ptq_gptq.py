@@ -135,43 +135,74 @@ def _dense_model(result_dir: Path):
     return model
 
 
-def stage_eval(out: Path, only: list[str] | None, rtn: bool, kl_all: bool = False):
-    from qft.eval import EvalProtocol, evaluate, read_text, windows_from_text
+@torch.no_grad()
+def _eval(model, windows, teacher_logp=None, batch_size=4):
+    """ppl (and KL(teacher || model) against cached teacher log-probs): qft.eval.evaluate's
+    definitions, with the teacher computed once per corpus instead of once per model."""
+    import math
+    import torch.nn.functional as F
+    model.eval()
+    nll, kl, count = 0.0, 0.0, 0
+    for bi, i in enumerate(range(0, len(windows), batch_size)):
+        b = windows[i:i + batch_size]
+        logp = F.log_softmax(model(input_ids=b).logits.float()[:, :-1], -1)
+        tgt = b[:, 1:]
+        nll += -logp.gather(-1, tgt.unsqueeze(-1)).sum().item()
+        count += tgt.numel()
+        if teacher_logp is not None:
+            t = teacher_logp[bi]
+            kl += (t.exp() * (t - logp)).sum().item()
+    out = {"ppl": math.exp(nll / count), "tokens": count}
+    if teacher_logp is not None:
+        out["kl"] = kl / count
+    return out
+
+
+def stage_eval(out: Path, only: list[str] | None, rtn: bool, kl_all: bool = False, n_windows: int = 20,
+               wait_for: int = 0):
+    import torch.nn.functional as F
+    from qft.eval import EvalProtocol, read_text, windows_from_text
     from qft.models import load_model
     teacher, tok = load_model("smollm2-135m")
-    proto = EvalProtocol()
+    proto = EvalProtocol(n_windows=n_windows)
     wins = {c: windows_from_text(tok, read_text(p), proto, source=c) for c, p in CORPORA.items()}
-    cache = out / "eval.json"
+    tlogp = {}
+    for c, w in wins.items():
+        if kl_all or c == "wikitext-2":
+            with torch.no_grad():
+                tlogp[c] = [F.log_softmax(teacher(input_ids=w[i:i + 4]).logits.float()[:, :-1], -1)
+                            for i in range(0, len(w), 4)]
+    cache = out / f"eval-w{n_windows}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
-    dirs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "result.json").exists())
-    rows = [("fp", None)] + ([("rtn-w3g64", "rtn3"), ("rtn-w4g64", "rtn4"), ("rtn-w2g64", "rtn2")] if rtn else [])
-    rows += [(p.name, p) for p in dirs]
-    for name, src in rows:
-        if only and name not in only and name != "fp":
-            continue
-        if name in done:
-            continue
-        if src is None:
-            model = teacher
-        elif isinstance(src, str):
-            from qft.ptq import run
-            from qft.spec import QuantSpec
-            model, _ = load_model("smollm2-135m")
-            run("rtn", model, QuantSpec(bits=int(src[-1]), group_size=64))
-        else:
-            model = _dense_model(src)
-        r = {}
-        for c, w in wins.items():
-            with_kl = src is not None and (kl_all or c == "wikitext-2")
-            e = evaluate(model, w, teacher=teacher if with_kl else None, desc=f"{name} {c}")
-            r[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0 if src is None else float("nan"))}
-            print(name, c, r[c], flush=True)
-        if src is not None and not isinstance(src, str):
-            r["time_s"] = json.loads((src / "result.json").read_text())["time_s"]
-        done[name] = r
-        cache.write_text(json.dumps(done, indent=1))
+    while True:
+        dirs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "result.json").exists())
+        rows = [("fp", None)] + ([(f"rtn-w{b}g64", f"rtn{b}") for b in (4, 3, 2)] if rtn else [])
+        rows += [(p.name, p) for p in dirs]
+        todo = [(n, s) for n, s in rows if n not in done and (not only or n in only or n == "fp")]
+        for name, src in todo:
+            if src is None:
+                model = teacher
+            elif isinstance(src, str):
+                from qft.ptq import run
+                from qft.spec import QuantSpec
+                model, _ = load_model("smollm2-135m")
+                run("rtn", model, QuantSpec(bits=int(src[-1]), group_size=64))
+            else:
+                model = _dense_model(src)
+            r = {}
+            for c, w in wins.items():
+                e = _eval(model, w, tlogp.get(c) if src is not None else None)
+                r[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0 if src is None else float("nan"))}
+                print(name, c, r[c], flush=True)
+            if src is not None and not isinstance(src, str):
+                r["time_s"] = json.loads((src / "result.json").read_text())["time_s"]
+            done[name] = r
+            cache.write_text(json.dumps(done, indent=1))
+        if len([n for n in done if n != "fp"]) >= wait_for:
+            break
+        time.sleep(30)
     print(f"\nSmolLM2-135M, {proto.describe()}; calibration N x 512 tokens of wikitext-2 valid.txt "
-          f"(N = 128 unless the name ends in -nN)")
+          f"(N = 128 unless the name ends in -nN); KL(FP || quantized) per token")
     print("| method | ppl wikitext-2 | ppl tinyshakespeare | KL wikitext-2 | KL tinyshakespeare | time (s) |")
     print("|---|---|---|---|---|---|")
     for name, r in done.items():
@@ -190,6 +221,8 @@ def main():
     ap.add_argument("--opt", action="append", default=[], help="method option key=value (json value)")
     ap.add_argument("--only", nargs="*", help="eval: result names to evaluate")
     ap.add_argument("--rtn", action="store_true", help="eval: add RTN rows")
+    ap.add_argument("--n-windows", type=int, default=20, help="eval: windows per corpus (default 20)")
+    ap.add_argument("--wait-for", type=int, default=0, help="eval: keep polling until this many results are done")
     ap.add_argument("--kl-all", action="store_true", help="eval: KL on every corpus (default: wikitext-2 only)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
     ap.add_argument("--concurrent", action="store_true", help="pair: start the peer and qft together")
@@ -220,7 +253,7 @@ def main():
         print(f"{how} w{a.bits}g{a.group_size}, {n} x 512 calibration: llm-compressor {p['time_s']:.1f} s, "
               f"qft {q['time_s']:.1f} s (1-min load average at the start: {p['load_before']}, {q['load_before']})")
     else:
-        stage_eval(out, a.only, a.rtn, a.kl_all)
+        stage_eval(out, a.only, a.rtn, a.kl_all, a.n_windows, a.wait_for)
 
 
 if __name__ == "__main__":
