@@ -104,11 +104,14 @@ def cmd_ptq(args):
     print(f"[qft] {args.method} {spec.name} ({spec.format})", file=sys.stderr)
     model = ptq.run(args.method, model, spec, calib=calib, **options)
     t_quant = time.time() - t0
-    save(model, out, tok, format=spec.format, overwrite=args.overwrite,
+    # an explicit --format is obeyed (or refused); otherwise the method's own choice (e.g. OneBit -> qft)
+    fmt = args.format or getattr(getattr(model, "qft_spec", None), "format", None)
+    spec = getattr(model, "qft_spec", spec)
+    save(model, out, tok, format=args.format, overwrite=args.overwrite,
          report={"method": args.method, "spec": spec.to_dict(), "base_model": args.model,
                  "quantize_seconds": round(t_quant, 1), "options": options})
     _set_base(out, args.model)
-    print(f"[qft] exported to {out} in {t_quant:.1f}s", file=sys.stderr)
+    print(f"[qft] exported to {out} ({fmt or 'auto'} format) in {t_quant:.1f}s", file=sys.stderr)
     if not args.eval:
         return 0
     qmodel = load(out)

@@ -110,6 +110,11 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, format: str 
     from safetensors.torch import save_file
     spec: QuantSpec | None = getattr(model, "qft_spec", None)
     fmt = format or (spec.format if spec else "qft")
+    if format is None and fmt != "qft" and not _fits_format(model, fmt):
+        import warnings
+        warnings.warn(f"the model holds layers that format {fmt!r} cannot store (non-integer schemes or custom "
+                      f"module types); exporting in the native 'qft' format instead", stacklevel=2)
+        fmt = "qft"
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not valid; allowed: {', '.join(FORMATS)}")
     path = Path(path)
@@ -161,6 +166,11 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, format: str 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _fits_format(model: nn.Module, fmt: str) -> bool:
+    """True if every quantized module can be written in ``fmt`` (pack-quantized / gptq: int QuantLinear)."""
+    return all(isinstance(m, QuantLinear) and m.scheme == "int" for _, m in _quantized_modules(model))
 
 
 def _spec_of(modules: dict) -> QuantSpec:
