@@ -46,11 +46,11 @@ FP_MAX = {4: 6.0, 8: 448.0}
 class LLMFP4Config:
     search: bool = field(default=True, metadata={"help": "search the maxima (False: absmax, the default bias)"})
     weight_grid: int = field(default=20, metadata={"help": "weight maxima tried: absmax * (1 - i / (2 * grid))"})
-    act_grid: tuple = field(default=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+    act_grid: tuple = field(default=(1.0, 0.85, 0.7, 0.5, 0.35, 0.25),
                             metadata={"help": "activation maxima tried, as fractions of the calibration absmax"})
     preshift: bool = field(default=True, metadata={"help": "per-channel power-of-two exponent bias folded into W"})
-    preshift_max_k: int = field(default=6, metadata={"help": "reference maxima tried: max|X| / 2^k, k = 0..max_k"})
-    samples_per_layer: int = field(default=512, metadata={"help": "tokens sampled per input for the searches"})
+    preshift_max_k: int = field(default=4, metadata={"help": "reference maxima tried: max|X| / 2^k, k = 0..max_k"})
+    samples_per_layer: int = field(default=256, metadata={"help": "tokens sampled per input for the searches"})
     batch_size: int = field(default=4, metadata={"help": "calibration windows per forward"})
 
     def __post_init__(self):
@@ -83,14 +83,20 @@ def search_weight_scale(w: torch.Tensor, bits: int, group_size: int, d: torch.Te
     best_e, best_s = None, s0
     for i in range(grid + 1):
         s = s0 * (1 - i / (2 * grid))
-        wq = Q.codebook_dequantize(Q.codebook_quantize(wf, s, "fp", bits, group_size), s, "fp", bits, group_size)
-        e = ((wq - wf).reshape(N, G, group_size).pow(2) * dk).sum(-1)
+        e = ((_qdq(wf, s, bits, group_size) - wf).reshape(N, G, group_size).pow(2) * dk).sum(-1)
         if best_e is None:
             best_e = e
             continue
         better = e < best_e
         best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
     return best_s
+
+
+def _qdq(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Nearest FP level times the per-group scale (the values QuantLinear's FP codebook gives)."""
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size) / scale.unsqueeze(-1)
+    return (fp_round(g, bits) * scale.unsqueeze(-1)).reshape(n, k)
 
 
 def act_error(x: torch.Tensor, scale: float, bits: int, weights: list) -> float:
@@ -124,7 +130,8 @@ def _tie(c: torch.Tensor, g) -> torch.Tensor:
 
 
 def _plan_group(g, x, cmax, spec: QuantSpec, cfg: LLMFP4Config):
-    """(factors s, act scale, weight scales) for one group: joint search over the preshift reference."""
+    """(factors s, act scale) for one group: the preshift reference and the activation maximum are
+    chosen jointly by the group's output error (weights at the default bias meanwhile)."""
     wb, ab = spec.bits, spec.act_bits
     gs = spec.group_for(x.shape[1])
     refs = [float(cmax.max()) / 2 ** k for k in range(cfg.preshift_max_k + 1)] if cfg.preshift else [None]
@@ -133,16 +140,15 @@ def _plan_group(g, x, cmax, spec: QuantSpec, cfg: LLMFP4Config):
         s = torch.ones_like(cmax) if ref is None else preshift_factors(cmax, ref)
         xs = x / s
         ws = [lin.weight.detach().float() * s for _, lin in g.linears]
-        d = xs.pow(2).mean(0)
-        wsc = [search_weight_scale(w, wb, gs, d, cfg.weight_grid if cfg.search else 0) for w in ws]
-        wq = [Q.codebook_dequantize(Q.codebook_quantize(w, sc, "fp", wb, gs), sc, "fp", wb, gs) for w, sc in zip(ws, wsc)]
+        wsc = [Q.codebook_qparams(w, "fp", wb, gs)[0] for w in ws]  # default bias here; searched in the end
+        wq = [_qdq(w, sc, wb, gs) for w, sc in zip(ws, wsc)]
         amax = float((cmax / s).max())
         asc, _ = search_act_scale(xs, ab, wq, cfg.act_grid if cfg.search else (1.0,), amax)
         xq = fp_round(xs / asc, ab) * asc
         err = sum((xq @ q.t() - x @ lin.weight.float().t()).pow(2).mean().item() for q, (_, lin) in zip(wq, g.linears))
         if best is None or err < best[0]:
-            best = (err, s, asc, wsc)
-    return best[1:]
+            best = (err, s, asc)
+    return best[1], best[2]
 
 
 def llm_fp4_block(ctx, model, spec: QuantSpec, cfg: LLMFP4Config) -> dict:
@@ -158,7 +164,7 @@ def llm_fp4_block(ctx, model, spec: QuantSpec, cfg: LLMFP4Config) -> dict:
         dev = g.linears[0][1].weight.device
         cmax = _tie(st.absmax.float(), g).to(dev)
         x = st.tokens.to(dev)
-        s, asc, _ = _plan_group(g, x, cmax, spec, cfg)
+        s, asc = _plan_group(g, x, cmax, spec, cfg)
         plans.append((g, s, asc, (x / s).pow(2).mean(0)))
         shifts[first] = int(torch.log2(s).max())
     for g, s, _, _ in plans:  # 2. fold the power-of-two factors (v_proj / up_proj rows change here)

@@ -35,7 +35,7 @@ __all__ = ["OliVeConfig", "scale_candidates", "search_weight_scale", "search_act
 
 @dataclass
 class OliVeConfig:
-    grid: int = field(default=16, metadata={"help": "scales tried between absmax/nmax and absmax/max_outlier"})
+    grid: int = field(default=8, metadata={"help": "scales tried between absmax/nmax and absmax/max_outlier"})
     samples_per_layer: int = field(default=512, metadata={"help": "tokens sampled per input for the act search"})
     batch_size: int = field(default=4, metadata={"help": "calibration windows per forward"})
 
@@ -52,7 +52,7 @@ def scale_candidates(amax: torch.Tensor, bits: int, grid: int) -> list[torch.Ten
     return [amax.float().clamp_min(1e-8) * torch.exp(lo + (hi - lo) * i / grid) for i in range(grid + 1)]
 
 
-def search_weight_scale(w: torch.Tensor, bits: int, grid: int = 16) -> torch.Tensor:
+def search_weight_scale(w: torch.Tensor, bits: int, grid: int = 8) -> torch.Tensor:
     """Per-output-channel scale [N] minimizing the OVP reconstruction error of each row."""
     wf = w.float()
     best_e, best_s = None, None
@@ -66,7 +66,7 @@ def search_weight_scale(w: torch.Tensor, bits: int, grid: int = 16) -> torch.Ten
     return best_s
 
 
-def search_act_scale(x: torch.Tensor, w_q: torch.Tensor, bits: int, grid: int = 16) -> float:
+def search_act_scale(x: torch.Tensor, w_q: torch.Tensor, bits: int, grid: int = 8) -> float:
     """Per-tensor scale minimizing ||(Q(x) - x) W_q^T||^2 on sampled rows x."""
     best = None
     for s in scale_candidates(x.abs().max(), bits, grid):
