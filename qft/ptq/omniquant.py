@@ -62,6 +62,8 @@ class OmniQuantConfig:
     train_batch: int = field(default=2, metadata={"help": "calibration windows per step"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward when capturing"})
     seed: int = field(default=0, metadata={"help": "minibatch order"})
+    check: bool = field(default=False, metadata={
+        "help": "also measure the frozen block's MSE (one more pass per block; tests use it)"})
 
     def __post_init__(self):
         for k in ("steps", "train_batch", "batch_size"):
