@@ -90,12 +90,12 @@ def run_row(r, model, tok, evals, calib, args) -> dict:
     for c, w in evals.items():
         t1 = time.time()
         if make_cache is not None:
-            e = evaluate_kv(m, w, make_cache, chunk_size=args.kv_chunk, desc=f"{r} {c}")
+            e = evaluate_kv(m, w, make_cache, chunk_size=args.kv_chunk, batch_size=args.eval_batch, desc=f"{r} {c}")
             kv = e["kv"]
             rec["notes"] = (f"cache in the loop, chunks of {args.kv_chunk}; KV at 512 tokens: {kv['bytes'] / 2**20:.2f} "
                             f"MiB vs fp16 {kv['fp16_bytes'] / 2**20:.2f} MiB")
         else:
-            e = evaluate(m, w, desc=f"{r} {c}")
+            e = evaluate(m, w, batch_size=args.eval_batch, desc=f"{r} {c}")
         rec["results"][c] = {"ppl": e["ppl"], "eval_s": round(time.time() - t1, 1)}
     return rec
 
@@ -129,6 +129,7 @@ def main():
     ap.add_argument("--corpora", default="wikitext2,tinyshakespeare")
     ap.add_argument("--kv-chunk", type=int, default=32, help="tokens per step for the KV rows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-batch", type=int, default=4, help="windows per forward (1 saves memory)")
     ap.add_argument("--out", default="out/bench_ptq_field_acts.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     args = ap.parse_args()
