@@ -31,5 +31,6 @@ for th in map(int, a.threads.split(",")):
             selfgen(model, tok, os.path.join(d, "s.jsonl"), SelfGenConfig(n=a.n, seq_len=a.seq_len, batch_size=bs),
                     progress=False)
             dt, dc = time.time() - t, time.process_time() - c
-        tok = a.n * a.seq_len
-        print(f"| {th} | {bs} | {a.n} x {a.seq_len} | {dt:.1f} | {tok / dt:.0f} | {dc:.1f} | {tok / dc:.0f} |", flush=True)
+        ntok = a.n * a.seq_len
+        print(f"| {th} | {bs} | {a.n} x {a.seq_len} | {dt:.1f} | {ntok / dt:.0f} | {dc:.1f} | {ntok / dc:.0f} |",
+              flush=True)

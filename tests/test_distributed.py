@@ -219,10 +219,6 @@ def test_launch_config_is_launchable(cfg):
         assert not bad, f"{cfg}: {bad} conflict with deepspeed_config_file (accelerate raises); remove them"
         js = ROOT / ds["deepspeed_config_file"]
         assert js.exists(), f"{cfg}: {js} does not exist"
-        zero = json.loads(js.read_text()).get("zero_optimization", {})
-        for dev in ("offload_optimizer", "offload_param"):
-            assert not (zero.get(dev, {}).get("pin_memory") and not torch.cuda.is_available()), (
-                f"{js.name}: {dev}.pin_memory=true on a machine without CUDA (hung here in a CPU run)")
     if c.get("num_machines", 1) > 1 and c.get("distributed_type") == "DEEPSPEED":
         assert ds.get("deepspeed_multinode_launcher") == "standard", (
             f"{cfg}: several machines need deepspeed_multinode_launcher: standard (pdsh makes every rank listen)")

@@ -46,6 +46,9 @@ args = ap.parse_args()
 import time  # noqa: E402
 
 T0 = time.time()
+if os.environ.get("QFT_DIST_DUMP_AFTER"):  # debugging a hang: print every thread's stack, then exit
+    import faulthandler
+    faulthandler.dump_traceback_later(float(os.environ["QFT_DIST_DUMP_AFTER"]), exit=True)
 
 
 def tick(what):
