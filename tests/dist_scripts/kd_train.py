@@ -223,7 +223,7 @@ def main():
         "teacher_ds_numel": sum(getattr(p, "ds_numel", 0) for p in teacher_params),
         "teacher_ds_shard": sum(p.ds_tensor.numel() for p in teacher_params if hasattr(p, "ds_tensor")),
         "teacher_numel_full": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in teacher_params),
-        "teacher_ds_shapes_ok": all(tuple(p.ds_shape) == tuple(p.ds_shape) and len(p.ds_shape) >= 1
+        "teacher_ds_shapes_ok": all(int(torch.Size(p.ds_shape).numel()) == p.ds_numel and len(p.ds_shape) >= 1
                                     for p in teacher_params if hasattr(p, "ds_shape")),
         "student_keys": sorted([k for k, _ in m.named_parameters()] + [k for k, _ in m.named_buffers()]),
     }
