@@ -98,3 +98,14 @@ def test_matches_kernel_reference():
     assert torch.equal(wq, q.qweight) and torch.allclose(sw, q.wscale)
     x = torch.randn(5, 64) * 3
     assert torch.allclose(q(x), kernels.int8_linear(x, q.qweight, q.wscale, q.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_export_roundtrip_native_format(tmp_path):
+    export = pytest.importorskip("qft.export")
+    m = _outlier_model()
+    x = torch.randint(0, 256, (2, 16))
+    for method, calib in (("smoothquant", x), ("llm_int8", None)):
+        q = run(method, copy.deepcopy(m), "w8a8", calib)
+        back = export.load(export.save(q, tmp_path / method, format="qft"))
+        assert type(back.model.layers[0].mlp.down_proj) is type(q.model.layers[0].mlp.down_proj)
+        assert torch.equal(back(x).logits, q(x).logits)
