@@ -56,8 +56,8 @@ ROWS = {
     "kivi_kv4": ("KV4", "kivi", None, {"bits": 4, "group_size": 32, "residual_length": 128}, False),
     "kivi_kv2": ("KV2", "kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128}, False),
     "kivi_kv2_r0": ("KV2", "kivi", None, {"bits": 2, "group_size": 32, "residual_length": 0}, False),
-    "wkvquant_kv4": ("KV4", "wkvquant", None, {"kv_bits": 4, "group_size": 32}, True),
-    "wkvquant_kv2": ("KV2", "wkvquant", None, {"kv_bits": 2, "group_size": 32}, True),
+    "wkvquant_kv4": ("KV4", "wkvquant", None, {"kv_bits": 4, "group_size": 32, "steps": 8, "train_batch": 1}, True),
+    "wkvquant_kv2": ("KV2", "wkvquant", None, {"kv_bits": 2, "group_size": 32, "steps": 8, "train_batch": 1}, True),
     "wkvquant_kv2_init": ("KV2", "wkvquant", None, {"kv_bits": 2, "group_size": 32, "steps": 0}, True),
     "pertoken_kv2": ("KV2", "wkvquant", None, {"kv_bits": 2, "group_size": 32, "smooth": False}, False),
 }
