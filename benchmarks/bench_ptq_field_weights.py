@@ -53,6 +53,9 @@ ROWS = {
     "rtn_w3g32": ("rtn", QuantSpec(bits=3, group_size=32, format="qft"), {}),
     "gptq_w3g32": ("gptq", QuantSpec(bits=3, group_size=32, format="qft"), {}),
     "owq": "owq", "spqr": "spqr",
+    # diagnostic: SpQR with 16-bit group scales (no second-level quantization), 4.2 bits/weight
+    "spqr_fp16_stats": ("spqr", QuantSpec(bits=3, group_size=16, format="qft"),
+                        {"outlier_fraction": 0.003, "stat_bits": 0}),
 }
 
 
@@ -119,7 +122,7 @@ def eval_cached(model, windows, tlogp, desc):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="fp," + ",".join(ROWS), help=f"comma list of: fp,{','.join(ROWS)}")
+    ap.add_argument("--rows", default="fp," + ",".join(r for r in ROWS if r != "spqr_fp16_stats"), help=f"comma list of: fp,{','.join(ROWS)}")
     ap.add_argument("--windows", type=int, default=20, help="evaluation windows per corpus")
     ap.add_argument("--calib", type=int, default=128, help="calibration windows (512 tokens, wikitext-2 valid)")
     ap.add_argument("--data", default=str(DATA), help="folder with wikitext-2/ and tinyshakespeare/")
@@ -147,6 +150,8 @@ def main():
     calib = calib_windows(tok, data / "wikitext-2" / "valid.txt", n=args.calib, seq_len=512)
     tcache = {c: teacher_logprobs(teacher, w.to(dev), f"teacher {c}") for c, w in evals.items()} \
         if args.fast_eval else None
+    if args.fast_eval:  # the teacher is not needed any more: reload a fresh copy per row (less memory)
+        del teacher
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"protocol: {proto.describe()}; calibration: {args.calib} x 512 tokens of wikitext-2 valid.txt; "
@@ -157,10 +162,10 @@ def main():
     for r in rows:
         t_q, bpw, same = 0.0, 16.0, True
         if r == "fp":
-            method, spec, opts, q = "fp", None, {}, teacher
+            method, spec, opts, q = "fp", None, {}, (None if args.fast_eval else teacher)
         else:
             method, spec, opts = from_recipe(ROWS[r]) if isinstance(ROWS[r], str) else ROWS[r]
-            m = copy.deepcopy(teacher)
+            m = load_model("smollm2-135m")[0].to(dev).eval() if args.fast_eval else copy.deepcopy(teacher)
             t0 = time.time()
             m = run(method, m, spec, calib if method != "rtn" else None, **dict(opts))
             t_q = time.time() - t0
