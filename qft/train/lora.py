@@ -126,6 +126,10 @@ class ClipFactors(nn.Module):
 def _gathered(*params):
     """All-gather ZeRO-3-partitioned (frozen) parameters for direct access; a no-op otherwise."""
     ps = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if ps:
+        # a parameter ZeRO-3 already fetched for the active module must not be gathered (and freed) again
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        ps = [p for p in ps if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
     if not ps:
         return contextlib.nullcontext()
     import deepspeed
