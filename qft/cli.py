@@ -199,7 +199,7 @@ def _add_eval_flags(p):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--n-windows", type=int, default=20, help="number of windows (default 20; 0 = all)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: seq-len, no overlap)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (memory: ~1 GB per window with a teacher at vocab 49k)")
     p.add_argument("--seed", type=int, default=1234, help="seed for self-generated held-out text")
 
 

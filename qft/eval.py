@@ -26,7 +26,7 @@ class EvalProtocol:
     seq_len: int = field(default=512, metadata={"help": "tokens per window"})
     n_windows: int = field(default=20, metadata={"help": "number of windows (0 = all that fit)"})
     stride: int | None = field(default=None, metadata={"help": "window stride (default seq_len: no overlap)"})
-    batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
+    batch_size: int = field(default=2, metadata={"help": "windows per forward pass"})
 
     def __post_init__(self):
         for k in ("seq_len", "batch_size"):
@@ -76,7 +76,7 @@ def _logits(model, batch):
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, teacher=None, batch_size: int = 4, desc: str = "eval",
+def evaluate(model, windows: torch.Tensor, teacher=None, batch_size: int = 2, desc: str = "eval",
              progress: bool = True) -> dict:
     """Perplexity of ``model`` on the windows, and KL(teacher || model) when a teacher is given."""
     model.eval()
