@@ -17,8 +17,9 @@ at outlier positions are the zero point, so the effective weight there is exactl
 
 Simplified: outliers are chosen per group as the top ``outlier_fraction`` of N * group_size weights
 by ((w - row median) / d_j)^2 with d_j GPTQ's inverse-Hessian factor diagonal (the paper tests each
-weight's leave-one-out loss reduction against a threshold, so its outlier count varies); no
-act-order (the natural column order keeps the canonical group layout); zero points are not
+weight's leave-one-out loss reduction against a threshold, so its outlier count varies); each
+group's inlier range comes from GPTQ's diag(H)-weighted shrink search (``clip_grid``, as the GPTQ
+baseline; 0 = plain min-max, the paper's); no act-order (the natural column order keeps the canonical group layout); zero points are not
 second-level quantized (they are already b-bit integers).
 """
 
@@ -31,7 +32,7 @@ import torch
 from qft.nn import quant as Q
 from qft.nn.mixed import MixedLinear, csr_from_mask, dequantize_stats, quantize_stats
 from qft.ptq.calibrate import BlockContext, sequential
-from qft.ptq.gptq import check_int_spec, inverse_hessian_factor
+from qft.ptq.gptq import check_int_spec, group_qparams, inverse_hessian_factor
 from qft.registry import METHODS
 from qft.spec import resolve_spec
 
@@ -45,6 +46,8 @@ class SpQRConfig:
     stat_group: int = field(default=16, metadata={"help": "output rows sharing one second-level (scale, min) pair"})
     percdamp: float = field(default=0.01, metadata={"help": "dampening: fraction of mean diag(H) added to H"})
     block_size: int = field(default=128, metadata={"help": "columns per lazy-update block (rounded to groups)"})
+    clip_grid: int = field(default=20, metadata={
+        "help": "GPTQ's diag(H)-weighted range search for each group's inliers (0 = plain min-max)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's)"})
 
@@ -54,6 +57,8 @@ class SpQRConfig:
             raise ValueError(f"spqr: outlier_fraction={f!r} is not valid; allowed: a number in [0, 0.5)")
         if not isinstance(self.stat_bits, int) or not 0 <= self.stat_bits <= 8:
             raise ValueError(f"spqr: stat_bits={self.stat_bits!r} is not valid; allowed: an integer 0..8")
+        if not isinstance(self.clip_grid, int) or isinstance(self.clip_grid, bool) or self.clip_grid < 0:
+            raise ValueError(f"spqr: clip_grid={self.clip_grid!r} is not valid; allowed: an integer >= 0")
         for k in ("stat_group", "block_size", "batch_size"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -87,7 +92,8 @@ def pick_outliers(w: torch.Tensor, d: torch.Tensor, n_out: int) -> torch.Tensor:
 @torch.no_grad()
 def spqr_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   outlier_fraction: float = 0.005, stat_bits: int = 3, stat_group: int = 16,
-                  percdamp: float = 0.01, block_size: int = 128, store_dtype=torch.float32) -> SpQRResult:
+                  percdamp: float = 0.01, block_size: int = 128, store_dtype=torch.float32,
+                  clip_grid: int = 0) -> SpQRResult:
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"spqr: group_size={group_size} does not divide in_features={k}")
@@ -119,7 +125,7 @@ def spqr_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                 grp = W1[:, i:i + gs]
                 mask = pick_outliers(grp, du[j:j + gs], n_out)
                 inl = torch.where(mask, torch.zeros_like(grp), grp)
-                s, z = Q.minmax_qparams(inl, bits, gs, symmetric)
+                s, z = group_qparams(inl, torch.diag(h)[j:j + gs], bits, gs, symmetric, clip_grid)
                 s, z = s[:, 0], z[:, 0]
                 if stat_bits:
                     c, ss, sm = quantize_stats(s[:, None], stat_bits, stat_group, store_dtype)
@@ -127,8 +133,6 @@ def spqr_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                     sc_codes[:, gi] = c[:, 0]
                     st_s.append(ss)
                     st_m.append(sm)
-                    if not symmetric:
-                        z = torch.clamp(torch.round(-inl.amin(1).clamp_max(0) / s), 0, maxq)
                 scales[:, gi], zeros[:, gi] = s, z
                 outl[:, j:j + gs] = mask
             s, z = scales[:, j // gs], zeros[:, j // gs]
@@ -157,7 +161,7 @@ def spqr_block(ctx: BlockContext, cfg: SpQRConfig) -> None:
         w = lin.weight.data
         gs = spec.group_for(w.shape[1])
         r = spqr_quantize(w, stats[short].H, spec.bits, gs, spec.symmetric, cfg.outlier_fraction, cfg.stat_bits,
-                          cfg.stat_group, cfg.percdamp, cfg.block_size, store_dtype=w.dtype)
+                          cfg.stat_group, cfg.percdamp, cfg.block_size, store_dtype=w.dtype, clip_grid=cfg.clip_grid)
         sparse = csr_from_mask(r.values, r.outliers, w.dtype) if bool(r.outliers.any()) else None
         bias = None if lin.bias is None else lin.bias.data
         ctx.replace(short, MixedLinear.from_parts(r.codes, r.zeros, spec.bits, gs, scales=r.scales, stats=r.stats,
