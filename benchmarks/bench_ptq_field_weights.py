@@ -53,10 +53,13 @@ ROWS = {
     "rtn_w3g32": ("rtn", QuantSpec(bits=3, group_size=32, format="qft"), {}),
     "gptq_w3g32": ("gptq", QuantSpec(bits=3, group_size=32, format="qft"), {}),
     "owq": "owq", "spqr": "spqr",
-    # diagnostic: SpQR with 16-bit group scales (no second-level quantization), 4.2 bits/weight
+    # ablations: SpQR with plain min-max group ranges (the paper's), and also with 16-bit scales
+    "spqr_minmax": ("spqr", QuantSpec(bits=3, group_size=16, format="qft"),
+                    {"outlier_fraction": 0.003, "stat_bits": 3, "clip_grid": 0}),
     "spqr_fp16_stats": ("spqr", QuantSpec(bits=3, group_size=16, format="qft"),
-                        {"outlier_fraction": 0.003, "stat_bits": 0}),
+                        {"outlier_fraction": 0.003, "stat_bits": 0, "clip_grid": 0}),
 }
+ABLATIONS = ("spqr_minmax", "spqr_fp16_stats")
 
 
 def from_recipe(name: str):
@@ -122,7 +125,7 @@ def eval_cached(model, windows, tlogp, desc):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="fp," + ",".join(r for r in ROWS if r != "spqr_fp16_stats"), help=f"comma list of: fp,{','.join(ROWS)}")
+    ap.add_argument("--rows", default="fp," + ",".join(r for r in ROWS if r not in ABLATIONS), help=f"comma list of: fp,{','.join(ROWS)}")
     ap.add_argument("--windows", type=int, default=20, help="evaluation windows per corpus")
     ap.add_argument("--calib", type=int, default=128, help="calibration windows (512 tokens, wikitext-2 valid)")
     ap.add_argument("--data", default=str(DATA), help="folder with wikitext-2/ and tinyshakespeare/")
