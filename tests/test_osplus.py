@@ -79,6 +79,9 @@ def test_osplus_beats_plain_quantization_and_exports(tmp_path):
     r = load(tmp_path / "ck")
     assert isinstance(r.model.layers[1].post_attention_layernorm, FoldedRMSNorm)
     assert torch.equal(r(w).logits, y)
+    import qft  # noqa: F401  (registers the transformers quantizer)
+    from transformers import AutoModelForCausalLM
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "ck")(w).logits, y)
 
 
 def test_bad_input():

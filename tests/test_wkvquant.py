@@ -104,6 +104,13 @@ def test_wkvquant_calibration_cache_and_export(tmp_path):
     r = load(tmp_path / "ck")
     assert isinstance(r.model.layers[1].self_attn.v_proj, WKVProj)
     assert evaluate_wkv(r, w, chunk_size=8, progress=False)["nll"] == pytest.approx(rs["nll"], abs=1e-6)
+    import qft  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    h = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    for a, b in zip(h.model.layers, q.model.layers):
+        assert torch.equal(a.self_attn.k_proj.kv_scale, b.self_attn.k_proj.kv_scale)
+        assert torch.equal(a.self_attn.v_proj.kv_shift, b.self_attn.v_proj.kv_shift)
+    assert torch.equal(h(w).logits, q(w).logits)
 
 
 def test_generate_with_wkv_cache():
