@@ -42,7 +42,7 @@ def test_rtn_w4g64_packed_export_matches_in_place(smol, tmp_path):
     if WIKI.exists():
         w = windows_from_text(tok, read_text(WIKI), EvalProtocol(seq_len=256, n_windows=2))
     else:
-        w = heldout_selfgen(model, tok, n_seqs=2, seq_len=128, progress=False)
+        w = heldout_selfgen(model, tok, n_seqs=2, seq_len=64, progress=False)
     q = quantize_model(copy.deepcopy(model), "w4g64")
     ref = evaluate(q, w, progress=False)
     save(q, tmp_path / "ck", tok, format="pack-quantized")
