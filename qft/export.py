@@ -266,7 +266,7 @@ def build_empty_module(name: str, entry: dict, dtype) -> nn.Module:
 
 def _register_builtin_types():
     import importlib
-    for mod in ("qft.nn.onebit", "qft.nn.mixed", "qft.nn.lut", "qft.nn.hadamard", "qft.nn.reorder", "qft.nn.olive_codec",
+    for mod in ("qft.nn.onebit", "qft.nn.int8", "qft.nn.mixed", "qft.nn.lut", "qft.nn.hadamard", "qft.nn.reorder", "qft.nn.olive_codec",
                 "qft.nn.wkv_cache"):
         try:
             importlib.import_module(mod)
