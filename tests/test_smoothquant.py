@@ -90,8 +90,6 @@ def test_bad_input():
 
 def test_matches_kernel_reference():
     from qft import kernels
-    if not hasattr(kernels, "int8_linear"):
-        pytest.skip("qft.kernels has no int8_linear yet")
     lin = torch.nn.Linear(64, 24)
     q = Int8Linear.from_linear(lin)
     wq, sw = kernels.reference.quantize_weight_int8(lin.weight.detach())

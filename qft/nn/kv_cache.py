@@ -144,7 +144,20 @@ def nbytes(q: dict | None) -> int:
 
 # --- the cache ------------------------------------------------------------------------------------
 
-class KIVILayer(DynamicLayer):
+class BatchOpsMixin:
+    """Beam search / batch expansion for cache layers: each applies ``fn`` through ``_map_batch``."""
+
+    def reorder_cache(self, beam_idx):
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._map_batch(lambda t: t[indices, ...])
+
+
+class KIVILayer(BatchOpsMixin, DynamicLayer):
     """One attention layer's KIVI cache: a quantized past (keys per channel, values per token) and a
     full-precision window ``self.keys`` / ``self.values`` of the most recent tokens."""
 
@@ -215,15 +228,6 @@ class KIVILayer(DynamicLayer):
             if q is not None:
                 for k in q:
                     q[k] = fn(q[k])
-
-    def reorder_cache(self, beam_idx):
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices):
-        self._map_batch(lambda t: t[indices, ...])
 
     def memory(self) -> dict:
         """Bytes held now, and what a float16 cache of the same tokens would hold."""

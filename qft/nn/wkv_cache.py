@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from qft.nn.kv_cache import cat_q, dequantize_values, nbytes, quantize_values
+from qft.nn.kv_cache import BatchOpsMixin, cat_q, dequantize_values, nbytes, quantize_values
 from qft.nn.quant import round_ste
 
 __all__ = ["quantize_2d", "dequantize_2d", "fake_quant_2d", "WKVLayer", "WKVCache", "WKVProj", "wkv_cache",
@@ -94,7 +94,7 @@ def fake_quant_2d(x: torch.Tensor, shift, scale, bits: int, group_size: int) -> 
     return y.to(x.dtype)
 
 
-class WKVLayer(DynamicLayer):
+class WKVLayer(BatchOpsMixin, DynamicLayer):
     """One layer's past-only 2-D quantized cache. ``params``: {k_shift, k_scale, v_shift, v_scale} [H, D]."""
 
     is_croppable = False
@@ -147,15 +147,6 @@ class WKVLayer(DynamicLayer):
             if q is not None:
                 for k in q:
                     q[k] = fn(q[k])
-
-    def reorder_cache(self, beam_idx):
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices):
-        self._map_batch(lambda t: t[indices, ...])
 
     def memory(self) -> dict:
         if not self.is_initialized or self.n == 0:
