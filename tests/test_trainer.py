@@ -157,7 +157,8 @@ def test_recipe_validation_names_key_and_value():
     assert r.distill.loss_options() == {"temperature": 1.0, "beta": 0.5}
 
 
-def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["lora-in-quantizer", "full"])
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode):
     import json
 
     from qft.testing import tiny_tokenizer
@@ -169,13 +170,35 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys):
     recipe = Recipe.from_dict({
         "model": str(mdir), "output_dir": str(tmp_path / "run"), "quant": "w4g64",
         "ptq": {"method": "clip", "options": {"n_grid": 4}, "calib_samples": 2},
-        "lora": {"mode": "lora-in-quantizer", "r": 2}, "distill": {"loss": "cakld"},
-        "selfgen": {"n": 4, "seq_len": 16, "batch_size": 4}, "export": {"format": "qft"},
-        "eval": {"heldout": 2, "heldout_len": 16, "generate": ["ab"]},
-        "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1})
+        "lora": {"mode": mode, "r": 2}, "distill": {"loss": "cakld"},
+        "selfgen": {"n": 10, "seq_len": 16, "batch_size": 5}, "export": {"format": "qft"},
+        "eval": {"heldout": 2, "heldout_len": 16, "generate": ["ab"], "train_eval": 2},
+        "max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+        "eval_strategy": "steps", "eval_steps": 2})
     rep = run_pipeline(recipe)
-    assert set(rep["results"]) == {"fp", "init", "before_merge", "after_merge"}
-    assert rep["merge"]["heldout-selfgen"]["ppl_change"] == 0.0  # lora-in-quantizer: exact merge
-    assert (tmp_path / "run" / "model" / "config.json").is_file()
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["timings"]["train_steps"] == 2
+    assert set(rep["results"]) == {"fp", "rtn", "init", "before_merge", "after_merge"}
+    # the clip-searched init differs from plain RTN, and training moved the model
+    assert rep["results"]["rtn"]["heldout-selfgen"]["ppl"] != rep["results"]["init"]["heldout-selfgen"]["ppl"]
+    assert rep["results"]["before_merge"]["heldout-selfgen"]["kl"] != rep["results"]["init"]["heldout-selfgen"]["kl"]
+    assert rep["merge"]["heldout-selfgen"]["ppl_change"] == 0.0  # lora-in-quantizer and full: exact merge
+    run = tmp_path / "run"
+    assert (run / "model" / "config.json").is_file()
+    res = json.loads((run / "results.json").read_text())
+    assert res["timings"]["train_steps"] == 4
+    assert [h["step"] for h in res["log_history"] if "eval_loss" in h] == [2, 4]  # eval loss on held-out sequences
+    before, after = res["layer_error"]["before"], res["layer_error"]["after"]
+    assert len(before) == len(after) == 7 * tiny_llama().config.num_hidden_layers
+    assert all(0 < v < 1 for v in before.values()) and before != after
+    png = run / "report.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| after_merge |" in capsys.readouterr().out
+
+
+def test_full_mode_refused_under_several_processes_and_bad_eval_keys():
+    from qft.train.args import Recipe, RecipeError
+    with pytest.raises(RecipeError, match="eval.stages"):
+        Recipe.from_dict({"eval": {"stages": ["fp", "qat"]}})
+    with pytest.raises(RecipeError, match="eval.train_eval=0"):
+        Recipe.from_dict({"eval": {"train_eval": 0}})
+    with pytest.raises(RecipeError, match="lora.mode='lora'"):
+        Recipe.from_dict({"lora": {"mode": "lora"}})

@@ -21,6 +21,7 @@ from qft.train.lora import LORA_MODES, QPARAM_MODES
 BLOCKS = ("quant", "lora", "distill", "ptq", "data", "selfgen", "eval", "export")
 TOP_KEYS = ("model", "output_dir", "seed")
 PTQ_INIT = ("rtn", "clip")
+STAGES = ("fp", "rtn", "init", "before_merge", "after_merge")
 
 
 class RecipeError(ValueError):
@@ -150,8 +151,11 @@ class EvalArgs:
     heldout: int = field(default=8, metadata={"help": "held-out self-generated sequences (0 = none)"})
     heldout_len: int = field(default=256, metadata={"help": "tokens per held-out sequence"})
     heldout_seed: int = field(default=1234, metadata={"help": "seed of the held-out text (differs from training)"})
-    stages: list = field(default_factory=lambda: ["fp", "init", "before_merge", "after_merge"], metadata={
-        "help": "which models to evaluate: fp, init, before_merge, after_merge"})
+    stages: list = field(default_factory=lambda: list(STAGES), metadata={
+        "help": "which models to evaluate: fp, rtn (round-to-nearest baseline), init (ptq.method), before_merge, "
+                "after_merge"})
+    train_eval: int = field(default=16, metadata={
+        "help": "with eval_strategy steps/epoch: training sequences held out for the eval loss during training"})
     generate: list = field(default_factory=lambda: ["The capital of France is"], metadata={
         "help": "prompts to continue with the exported model"})
 
@@ -166,9 +170,13 @@ class EvalArgs:
                 _bad("eval", k, getattr(self, k), "a positive integer")
         if not _is_int(self.heldout, 0):
             _bad("eval", "heldout", self.heldout, "an integer >= 0")
-        bad = [s for s in self.stages if s not in ("fp", "init", "before_merge", "after_merge")]
+        if not isinstance(self.stages, list):
+            _bad("eval", "stages", self.stages, f"a list of {', '.join(STAGES)}")
+        bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            _bad("eval", "stages", bad, "a list of fp, init, before_merge, after_merge")
+            _bad("eval", "stages", bad, f"a list of {', '.join(STAGES)}")
+        if not _is_int(self.train_eval, 1):
+            _bad("eval", "train_eval", self.train_eval, "a positive integer")
 
 
 @dataclass
@@ -229,7 +237,7 @@ class Recipe:
     def training_arguments(self, **extra):
         """transformers.TrainingArguments from the flat keys (bad values named by TrainingArguments)."""
         from transformers import TrainingArguments
-        kw = dict(output_dir=str(Path(self.output_dir) / "trainer"), seed=self.seed, report_to="none",
+        kw = dict(output_dir=str(Path(self.output_dir) / "trainer"), seed=self.seed, report_to=_default_report_to(),
                   save_strategy="no", logging_steps=5, remove_unused_columns=False, use_cpu=None)
         kw.pop("use_cpu")
         kw.update(self.train)
@@ -238,6 +246,12 @@ class Recipe:
             return TrainingArguments(**kw)
         except (ValueError, TypeError) as e:
             raise RecipeError(f"training arguments: {e}") from None
+
+
+def _default_report_to() -> str:
+    """Loss curves to tensorboard when it is installed (``<output_dir>/tb``), nowhere otherwise."""
+    import importlib.util
+    return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

@@ -37,7 +37,7 @@ from torch import nn
 from qft.nn import QuantLinear, quant_linears
 from qft.nn import quant as Q
 
-LORA_MODES = ("qlora", "lora-in-quantizer", "bnb-nf4")
+LORA_MODES = ("qlora", "lora-in-quantizer", "bnb-nf4", "full")
 QPARAM_MODES = ("dynamic", "fixed", "lwc")
 
 
@@ -328,6 +328,9 @@ def apply_lora(model: nn.Module, mode: str = "lora-in-quantizer", r: int = 16, a
         require_bnb()
         raise ValueError("mode 'bnb-nf4' starts from a float model loaded with BitsAndBytesConfig; "
                          "use qft.train.lora.apply_bnb_lora(model_path, ...) instead")
+    if mode == "full":
+        from qft.train.full import apply_full_qat
+        return apply_full_qat(model)
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"lora r={r!r} is not valid; allowed: a positive integer")
     layers = dict(quant_linears(model))
@@ -355,7 +358,17 @@ def apply_lora(model: nn.Module, mode: str = "lora-in-quantizer", r: int = 16, a
 
 
 def merge_lora(peft_model) -> nn.Module:
-    """Merge every adapter into its quantized base and return the plain model (QuantLinear layers)."""
+    """Merge every adapter into its quantized base and return the plain model (QuantLinear layers).
+
+    Full QAT (``mode='full'``, no adapter) is returned as it is: its weights are already the trained ones.
+    """
+    if getattr(peft_model, "qft_lora_mode", None) == "full" and not hasattr(peft_model, "merge_and_unload"):
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        for _, m in quant_linears(peft_model):  # store the qparams the dynamic forward used
+            m.requantize()
+            m.dynamic = False
+        return peft_model
     return peft_model.merge_and_unload()
 
 

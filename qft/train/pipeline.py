@@ -13,7 +13,11 @@ Steps (each one line of wiring around a module that owns the algorithm):
 5. LoRA over the frozen quantized base (``lora.mode``), ``DistillTrainer`` with ``distill.loss``;
 6. merge (exact for lora-in-quantizer, re-rounded for qlora), export with ``qft.export.save``
    (the report holds every number, including the merge's perplexity change), a few generations;
-7. a table of perplexity and KL(teacher || model) for fp / init / before_merge / after_merge.
+7. a table of perplexity and KL(teacher || model) for fp / rtn / init / before_merge / after_merge
+   (``rtn`` = plain round-to-nearest at the same spec, the baseline QAT has to beat);
+8. a report in the run directory: ``results.json``, ``report.png`` (train / eval loss, per-layer
+   weight quantization error before and after training, ``qft.train.report``) and tensorboard
+   curves in ``tb/`` when tensorboard is installed.
 
 Under several processes (``accelerate launch``) only training is distributed: evaluation, merge
 and export run on the main process, on a pristine copy of the initial student with the trained
@@ -32,9 +36,9 @@ import torch
 
 from qft.eval import EvalProtocol, evaluate, generate, heldout_selfgen, read_text, windows_from_text
 from qft.nn.kvquant import install_kv_quant, remove_kv_quant
-from qft.train.args import Recipe
+from qft.train.args import STAGES, Recipe
+from qft.train.report import layer_errors, write_png
 
-STAGES = ("fp", "init", "before_merge", "after_merge")
 
 
 def _log(msg: str) -> None:
@@ -83,10 +87,20 @@ def calibration(recipe: Recipe, ds, tok) -> torch.Tensor | None:
     return torch.stack([s[:L] for s in seqs])
 
 
-def quantized_student(recipe: Recipe, teacher, calib):
+def quantized_student(recipe: Recipe, teacher, calib, method: str | None = None):
     from qft.ptq import run as run_ptq
+    method = method or recipe.ptq.method
     student = copy.deepcopy(teacher)
-    return run_ptq(recipe.ptq.method, student, recipe.quant, calib=calib, **recipe.ptq.options)
+    return run_ptq(method, student, recipe.quant, calib=calib, **(recipe.ptq.options if method == recipe.ptq.method else {}))
+
+
+def split_eval(ds, n: int):
+    """Hold out the last ``n`` training sequences as the Trainer's eval set (same on every rank)."""
+    from torch.utils.data import Subset
+    n = min(n, len(ds) // 5)
+    if n < 1:
+        return ds, None
+    return Subset(ds, range(len(ds) - n)), Subset(ds, range(len(ds) - n, len(ds)))
 
 
 def measure(model, sets, teacher, stage: str) -> dict:
@@ -133,11 +147,27 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     targs = recipe.training_arguments()
     main = targs.process_index == 0
     distributed = targs.world_size > 1
+    if distributed and L.mode == "full":
+        from qft.train.args import RecipeError
+        raise RecipeError("lora.mode='full' runs on one process (its checkpoint is the whole model, not an adapter); "
+                          "allowed under accelerate launch: lora-in-quantizer | qlora")
 
-    teacher, tok = load_model(recipe.model)
+    if "tensorboard" in (targs.report_to or []):
+        import os
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
+    # Eval, generation and training all run on the Trainer's device (cuda:<local rank> on a GPU).
+    teacher, tok = load_model(recipe.model, device=str(targs.device))
     with targs.main_process_first(desc="training data"):  # rank 0 generates, the others read the file
         ds, coll, data_desc = training_data(recipe, teacher, tok, out)
     _log(f"training data: {data_desc}")
+    eval_ds = None
+    if targs.eval_strategy != "no":
+        ds, eval_ds = split_eval(ds, recipe.eval.train_eval)
+        if eval_ds is None:
+            from qft.train.args import RecipeError
+            raise RecipeError(f"eval_strategy={targs.eval_strategy!r} needs held-out training sequences, but there "
+                              f"are only {len(ds)}; raise selfgen.n or set eval_strategy: 'no'")
+        _log(f"eval loss during training on {len(eval_ds)} held-out training sequences")
     sets = eval_sets(recipe, teacher, tok) if main else {}
     stages = set(recipe.eval.stages)
     results: dict = {}
@@ -152,8 +182,21 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         install_kv_quant(student, spec)
     if main and "fp" in stages:
         results["fp"] = measure(teacher, sets, None, "fp")
+    if main and "rtn" in stages:
+        if recipe.ptq.method == "rtn":
+            results["rtn"] = measure(student, sets, teacher, "rtn")
+        else:
+            rtn = quantized_student(recipe, teacher, None, method="rtn")
+            if spec.kv_bits:
+                install_kv_quant(rtn, spec)
+            results["rtn"] = measure(rtn, sets, teacher, "rtn")
+            del rtn
     if main and "init" in stages:
-        results["init"] = measure(student, sets, teacher, "init")
+        if recipe.ptq.method == "rtn" and "rtn" in results:
+            results["init"] = results["rtn"]
+        else:
+            results["init"] = measure(student, sets, teacher, "init")
+    err_before = layer_errors(teacher, student) if main else {}
     pristine = copy.deepcopy(student) if distributed else None
     eval_teacher = copy.deepcopy(teacher) if distributed else teacher
 
@@ -164,7 +207,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         install_kv_quant(peft_model, spec)
     summary = lora_summary(peft_model)
     _log(f"LoRA {L.mode} r={L.r}: {summary['trainable']:,} trainable, frozen base {summary['frozen_bytes'] / 2**20:.1f} MiB")
-    trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, data_collator=coll, teacher=teacher,
+    trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, eval_dataset=eval_ds, data_collator=coll,
+                             teacher=teacher,
                              distill=recipe.distill)
     if getattr(trainer, "confidence", None) is not None:
         _log(f"CAKLD teacher confidence g = {trainer.confidence:.4f} ({recipe.distill.confidence_def})")
@@ -190,6 +234,10 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         install_kv_quant(merged, spec)
     if "after_merge" in stages:
         results["after_merge"] = measure(merged, sets, eval_teacher, "after_merge")
+    err_after = layer_errors(eval_teacher, merged)
+    png = write_png(out / "report.png", trainer.state.log_history, err_before, err_after,
+                    title=f"{recipe.model} {spec.name} {L.mode} {recipe.distill.loss}")
+    _log(f"report: {png}" if png else "report.png skipped (pip install matplotlib)")
     merge_delta = {}
     if "before_merge" in results and "after_merge" in results:
         for s in sets:
@@ -204,6 +252,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
               "distill": vars(recipe.distill), "confidence": getattr(trainer, "confidence", None),
               "data": data_desc, "results": results, "merge": merge_delta, "protocol": protocol,
               "train_loss": train_out.training_loss, "timings": timings, "lora_summary": summary,
+              "log_history": trainer.state.log_history,
+              "layer_error": {"before": err_before, "after": err_after},
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     gens = {}
     for p in recipe.eval.generate:
