@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="out/bench_ptq_field_weights.jsonl")
+    ap.add_argument("--keep", default=None,
+                    help="keep each row's export in KEEP/<row> (for `qft eval --model KEEP/<row>` in a fresh process)")
     ap.add_argument("--fast-eval", action="store_true",
                     help="evaluate the reloaded export with its dequantized weights in plain nn.Linear layers "
                          "(after checking the packed modules give identical logits) and the teacher's "
@@ -175,17 +177,20 @@ def main():
             bpw = bits_per_weight(m)
             x = evals["wikitext2"][:1, :64].to(dev)
             with tempfile.TemporaryDirectory() as d:
+                ck = Path(args.keep) / r if args.keep else Path(d) / "ck"
                 m.to("cpu")
-                save(m, Path(d) / "ck", tok, format="qft")  # packs QuantLinear in place
+                save(m, ck, tok, format="qft", overwrite=True,  # packs QuantLinear in place
+                     report={"method": method, "spec": spec.to_dict(), "base_model": "smollm2-135m",
+                             "quantize_seconds": round(t_q, 1), "options": opts})
                 with torch.no_grad():
                     y = m.to(dev)(x).logits
                 del m
-                q = load(Path(d) / "ck").to(dev)
+                q = load(ck).to(dev)
             with torch.no_grad():
                 same = torch.equal(y, q(x).logits)
             if args.fast_eval:
                 q = dense_copy(q)
-        res = {}
+        res, t_e = {}, time.time()
         for c, w in evals.items():
             if args.fast_eval and r == "fp":
                 nll = -sum(float(lp.gather(-1, w[i, 1:, None].to(dev)).sum()) for i, lp in enumerate(tcache[c]))
@@ -197,7 +202,7 @@ def main():
             res[c] = {"ppl": e["ppl"], "kl": e.get("kl", 0.0)}
         spec_s = spec.name if spec is not None else ""
         rec = {"row": r, "method": method, "spec": spec_s, "options": opts, "bits_per_weight": bpw,
-               "quantize_s": t_q, "results": res, "calib": args.calib, "windows": args.windows,
+               "quantize_s": t_q, "eval_s": round(time.time() - t_e, 1), "results": res, "calib": args.calib, "windows": args.windows,
                "device": args.device, "reload_identical": same, "fast_eval": args.fast_eval}
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -130,12 +130,13 @@ def lutgemm(model, spec, calib=None, **options):
             stats = ctx.collect(hessian=True)
             for short, lin in list(ctx.linears.items()):
                 ctx.replace(short, _replace(lin, spec, cfg, f"{ctx.name}.{short}", torch.diag(stats[short].H)))
-        return sequential(model, calib, spec, process, device=cfg.device, batch_size=cfg.batch_size, desc="lutgemm")
-    layers = list(target_linears(model, spec))
-    if not layers:
-        raise ValueError(f"lutgemm: no nn.Linear matches targets={list(spec.targets)} ignore={list(spec.ignore)}")
-    for name, lin in tqdm(layers, desc="lutgemm bcq", unit="layer"):
-        spec.check_layer(name, lin.in_features)
-        set_module(model, name, _replace(lin, spec, cfg, name))
-    model.qft_spec = spec
+        model = sequential(model, calib, spec, process, device=cfg.device, batch_size=cfg.batch_size, desc="lutgemm")
+    else:
+        layers = list(target_linears(model, spec))
+        if not layers:
+            raise ValueError(f"lutgemm: no nn.Linear matches targets={list(spec.targets)} ignore={list(spec.ignore)}")
+        for name, lin in tqdm(layers, desc="lutgemm bcq", unit="layer"):
+            spec.check_layer(name, lin.in_features)
+            set_module(model, name, _replace(lin, spec, cfg, name))
+    model.qft_spec = spec.replace(format="qft")  # its modules exist only in the native format
     return model

@@ -117,5 +117,7 @@ def owq(model, spec, calib=None, **options):
     cfg = GPTQConfig.from_options("owq", options)
     if calib is None:
         raise ValueError("owq needs calibration data: calib=qft.ptq.calibrate.calib_windows(tokenizer, path)")
-    return sequential(model, calib, spec, lambda ctx: owq_block(ctx, cfg, float(frac)), device=cfg.device,
-                      batch_size=cfg.batch_size, desc="owq")
+    model = sequential(model, calib, spec, lambda ctx: owq_block(ctx, cfg, float(frac)), device=cfg.device,
+                       batch_size=cfg.batch_size, desc="owq")
+    model.qft_spec = spec.replace(format="qft")  # its modules exist only in the native format
+    return model

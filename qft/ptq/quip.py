@@ -89,5 +89,7 @@ def quip(model, spec, calib=None, **options):
     cfg = GPTQConfig.from_options("quip", options)
     if calib is None:
         raise ValueError("quip needs calibration data: calib=qft.ptq.calibrate.calib_windows(tokenizer, path)")
-    return sequential(model, calib, spec, lambda ctx: quip_block(ctx, cfg, kind, seed), device=cfg.device,
-                      batch_size=cfg.batch_size, desc="quip")
+    model = sequential(model, calib, spec, lambda ctx: quip_block(ctx, cfg, kind, seed), device=cfg.device,
+                       batch_size=cfg.batch_size, desc="quip")
+    model.qft_spec = spec.replace(format="qft")  # its modules exist only in the native format
+    return model

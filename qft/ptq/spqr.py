@@ -181,5 +181,7 @@ def spqr(model, spec, calib=None, **options):
     cfg = SpQRConfig(**options)
     if calib is None:
         raise ValueError("spqr needs calibration data: calib=qft.ptq.calibrate.calib_windows(tokenizer, path)")
-    return sequential(model, calib, spec, lambda ctx: spqr_block(ctx, cfg), device=cfg.device,
-                      batch_size=cfg.batch_size, desc="spqr")
+    model = sequential(model, calib, spec, lambda ctx: spqr_block(ctx, cfg), device=cfg.device,
+                       batch_size=cfg.batch_size, desc="spqr")
+    model.qft_spec = spec.replace(format="qft")  # its modules exist only in the native format
+    return model

@@ -181,6 +181,6 @@ def squeezellm(model, spec, calib=None, **options):
     fisher = fisher_diagonal(model, calib.long(), [n for n, _ in layers])
     for name, lin in tqdm(layers, desc="squeezellm k-means", unit="layer"):
         set_module(model, name, _replace(lin, fisher.pop(name), spec.bits, cfg, name))
-    model.qft_spec = spec
+    model.qft_spec = spec.replace(format="qft")  # its modules exist only in the native format
     model.train(was_training)
     return model
