@@ -175,10 +175,48 @@ def _set_base(out: Path, base: str):
     tmp.replace(cfg_file)
 
 
+KV_BITS = (2, 4)
+
+
+def _kv_settings(args) -> dict | None:
+    """The KIVI cache settings of `qft eval` (None without --kv-bits), validated before any loading."""
+    extra = [f for f, v in (("--kv-group-size", args.kv_group_size), ("--kv-residual", args.kv_residual),
+                            ("--kv-sink", args.kv_sink), ("--kv-chunk", args.kv_chunk)) if v is not None]
+    if args.kv_pre_rope:
+        extra.append("--kv-pre-rope")
+    if args.kv_bits is None:
+        if extra:
+            raise UsageError(f"{', '.join(extra)} given without --kv-bits; pass --kv-bits 2 or 4 to evaluate "
+                             f"with the KIVI cache in the loop")
+        return None
+    if args.kv_bits not in KV_BITS:
+        raise UsageError(f"--kv-bits={args.kv_bits} is not valid; allowed: {', '.join(map(str, KV_BITS))}")
+    kv = {"bits": args.kv_bits, "group_size": 32 if args.kv_group_size is None else args.kv_group_size,
+          "residual_length": 128 if args.kv_residual is None else args.kv_residual,
+          "sink_tokens": args.kv_sink or 0, "pre_rope": bool(args.kv_pre_rope)}
+    chunk = 32 if args.kv_chunk is None else args.kv_chunk
+    for flag, v, lo in (("--kv-group-size", kv["group_size"], 1), ("--kv-residual", kv["residual_length"], 0),
+                        ("--kv-sink", kv["sink_tokens"], 0), ("--kv-chunk", chunk, 1)):
+        if v < lo:
+            raise UsageError(f"{flag}={v} is not valid; allowed: an integer >= {lo}")
+    return {"cache": kv, "chunk": chunk}
+
+
+def _kivi_factory(model, kv):
+    from qft.ptq.kivi import kivi_cache
+    try:
+        return kivi_cache(model, **kv)
+    except ValueError as e:  # name the flag: "group_size=48 does not divide head_dim=64" -> --kv-group-size
+        raise UsageError(f"--kv-group-size/--kv-residual/--kv-sink: {e}") from None
+
+
 def cmd_eval(args):
     from qft.eval import evaluate
     from qft.models import is_qft_checkpoint, load_model
+    kv = _kv_settings(args)
     model, tok = load_model(args.model)
+    if kv is not None:
+        return _eval_kv(args, model, tok, kv)
     teacher_name = args.teacher
     if teacher_name is None and is_qft_checkpoint(args.model):
         teacher_name = json.loads((Path(args.model) / "config.json").read_text())["qft"].get("base_model")
@@ -191,6 +229,25 @@ def cmd_eval(args):
     else:
         kl = f", KL(teacher || model) {res['kl']:.4f}" if "kl" in res else ""
         print(f"{args.model}: perplexity {res['ppl']:.3f}{kl}  [{where}]")
+    return 0
+
+
+def _eval_kv(args, model, tok, kv):
+    """Perplexity with the KIVI cache in the loop (chunks of --kv-chunk tokens read the quantized past)."""
+    from qft.ptq.kivi import evaluate_kv
+    make = _kivi_factory(model, kv["cache"])
+    windows, where = _eval_windows(args, tok, model)
+    res = evaluate_kv(model, windows, make, chunk_size=kv["chunk"], batch_size=args.batch_size)
+    res.update(protocol=where, model=args.model, kv_chunk=kv["chunk"])
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    c, m = kv["cache"], res["kv"]
+    opts = "".join([f", sink {c['sink_tokens']}" if c["sink_tokens"] else "", ", pre-RoPE keys" if c["pre_rope"] else ""])
+    print(f"{args.model}: perplexity {res['ppl']:.3f} with the KIVI KV{c['bits']} cache in the loop (group "
+          f"{c['group_size']}, residual {c['residual_length']}{opts}; chunks of {kv['chunk']})  [{where}]")
+    print(f"  KV cache at {m['tokens']} tokens: {m['bytes'] / 2**20:.2f} MiB vs float16 {m['fp16_bytes'] / 2**20:.2f} MiB "
+          f"({100 * m['saved']:.1f}% saved)")
     return 0
 
 
@@ -268,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="full-precision teacher for KL (default: the checkpoint's base model; 'none' to skip)")
     p.add_argument("--json", action="store_true")
     _add_eval_flags(p)
+    g = p.add_argument_group("KV cache in the loop (KIVI; perplexity only, no KL)")
+    g.add_argument("--kv-bits", type=int, help="evaluate with the KIVI KV cache at 2 or 4 bits in the loop")
+    g.add_argument("--kv-group-size", type=int, help="KIVI group: tokens per key group, channels per value "
+                                                     "group; must divide head_dim (default 32)")
+    g.add_argument("--kv-residual", type=int, help="recent tokens kept in full precision (default 128)")
+    g.add_argument("--kv-sink", type=int, help="first tokens kept in full precision, the attention sink "
+                                               "(default 0: plain KIVI)")
+    g.add_argument("--kv-pre-rope", action="store_true", help="quantize keys before RoPE (default off: plain KIVI)")
+    g.add_argument("--kv-chunk", type=int, help="tokens fed per step; 1 = token by token (default 32)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text")

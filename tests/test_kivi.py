@@ -89,6 +89,8 @@ def test_generate_with_kivi(model):
     ref = model.generate(x, **kw)
     same = model.generate(x, past_key_values=KIVICache(model.config, 2, 8, residual_length=64), **kw)
     assert torch.equal(ref, same)  # everything inside the full-precision window: identical
+    opts = KIVICache(model.config, 2, 8, residual_length=64, sink_tokens=2, pre_rope=True)
+    assert torch.equal(ref, model.generate(x, past_key_values=opts, **kw))
     cache = KIVICache(model.config, 2, 8, residual_length=8)
     out = model.generate(x, past_key_values=cache, **kw)
     assert out.shape == ref.shape and cache.layers[0].n_quantized > 0
@@ -103,3 +105,68 @@ def test_bad_settings(model):
         KIVICache(model.config, residual_length=-1)
     with pytest.raises(ValueError, match="chunk_size"):
         evaluate_kv(model, torch.zeros(1, 8, dtype=torch.long), lambda: DynamicCache(), chunk_size=0)
+
+
+def test_sink_tokens_stay_exact(model):
+    c = KIVICache(model.config, bits=2, group_size=8, residual_length=8, sink_tokens=3)
+    torch.manual_seed(1)
+    k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    k[:, :, 0] *= 50  # a sink-like outlier token: kept out of the quantized groups
+    c.update(k[:, :, :2], v[:, :, :2], 0)  # the sink fills across updates
+    out_k, out_v = c.update(k[:, :, 2:], v[:, :, 2:], 0)
+    lay = c.layers[0]
+    assert lay.n_sink() == 3 and lay.n_quantized == 24 and lay.keys.shape[-2] == 13
+    assert lay.get_seq_length() == 40
+    out_k, _ = c.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0)
+    assert torch.equal(out_k[:, :, :3], k[:, :, :3])  # exact, although quantized tokens follow
+    err = (out_k[:, :, 3:27] - k[:, :, 3:27]).abs().max()
+    plain = KIVICache(model.config, bits=2, group_size=8, residual_length=8)
+    pk, _ = plain.update(k, v, 0)
+    pk, _ = plain.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0)
+    assert err < (pk[:, :, :24] - k[:, :, :24]).abs().max() / 5  # the outlier no longer stretches a group
+    m = lay.memory()
+    assert m["fp16_bytes"] == 2 * 2 * 41 * 16 * 2
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_sink_and_pre_rope_chunks_match_token_by_token(model, sink):
+    w = torch.randint(0, 256, (2, 96))
+    make = kivi_cache(model, bits=2, group_size=8, residual_length=16, sink_tokens=sink, pre_rope=True)
+    r8 = evaluate_kv(model, w, make, 8, progress=False)  # first chunk 8 + sink tokens: groups line up
+    r1 = evaluate_kv(model, w, make, 1, progress=False)
+    assert abs(r8["nll"] - r1["nll"]) < 1e-5
+    assert r8["kv"]["quantized_tokens"] == (96 - sink - 16) // 8 * 8
+
+
+def test_pre_rope_is_exact_at_8_bits_and_helps_rotated_outlier_channels(model):
+    from qft.nn.kv_cache import rope_inv_freq, rotate
+    inv = rope_inv_freq(model.config)
+    assert inv.shape == (8,)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 64, 16)
+    pos = torch.arange(64)
+    assert torch.allclose(rotate(rotate(x, pos, inv, -1.0), pos, inv), x, atol=1e-5)
+    # keys with a fixed large channel before RoPE: after RoPE it oscillates along the tokens
+    pre = torch.randn(1, 2, 64, 16) * 0.1
+    pre[..., 0] += 5.0
+    k = rotate(pre, pos, inv)
+    errs = {}
+    for flag in (False, True):
+        c = KIVICache(model.config, bits=2, group_size=8, residual_length=0, pre_rope=flag)
+        c.update(k, k.clone(), 0)
+        out_k, _ = c.update(k[:, :, :1], k[:, :, :1], 0)
+        errs[flag] = (out_k[:, :, :64] - k).pow(2).mean().item()
+    assert errs[True] < errs[False] / 4
+    c = KIVICache(model.config, bits=8, group_size=8, residual_length=0, pre_rope=True)
+    c.update(k, k.clone(), 0)
+    out_k, _ = c.update(k[:, :, :1], k[:, :, :1], 0)
+    assert torch.allclose(out_k[:, :, :64], k, atol=0.05)
+
+
+def test_sink_and_pre_rope_bad_values(model):
+    with pytest.raises(ValueError, match="sink_tokens=-1"):
+        KIVICache(model.config, sink_tokens=-1, group_size=8)
+    with pytest.raises(ValueError, match="pre_rope=True needs the model config"):
+        KIVICache(None, pre_rope=True, group_size=8)
+    with pytest.raises(ValueError, match="offset"):
+        evaluate_kv(model, torch.zeros(1, 8, dtype=torch.long), lambda: DynamicCache(), offset=-2)

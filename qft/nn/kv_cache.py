@@ -30,8 +30,11 @@ KV_BITS = (2, 4, 8)
 STAT_DTYPE = torch.float16
 
 
-def kivi_check(bits: int, group_size: int, residual_length: int, head_dim: int | None = None) -> None:
+def kivi_check(bits: int, group_size: int, residual_length: int, head_dim: int | None = None,
+               sink_tokens: int = 0) -> None:
     """Raise a clear ValueError for settings KIVI cannot use."""
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"KIVI sink_tokens={sink_tokens!r} is not valid; allowed: an integer >= 0")
     if bits not in KV_BITS:
         raise ValueError(f"KIVI bits={bits!r} is not valid; allowed: {KV_BITS}")
     if not isinstance(group_size, int) or group_size < 1:
@@ -130,6 +133,35 @@ def qdq_values(v: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return dequantize_values(quantize_values(v, bits, group_size), bits, group_size, v.dtype)
 
 
+# --- RoPE undo / redo (pre-RoPE key quantization, KVQuant's variant) ---------------------------
+
+def rope_inv_freq(config) -> torch.Tensor:
+    """The rotary frequencies [head_dim // 2] of a Llama-style config (its rope type's init function)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = config.get_text_config(decoder=True)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return ROPE_INIT_FUNCTIONS[rope_type](cfg)[0].float()
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the RoPE angles of ``positions`` [T] (``sign=-1``: undo them), in the
+    rotate-half convention of Llama. Undo then redo with the same positions is exact (a rotation), so
+    it need not match the model's own positions."""
+    ang = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)[None, :]
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos(), sign * ang.sin()
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
 def cat_q(a: dict | None, b: dict, dim: int) -> dict:
     """Append quantized chunk ``b`` to store ``a`` along the token axis ``dim`` of every tensor."""
     if a is None:
@@ -158,20 +190,24 @@ class BatchOpsMixin:
 
 
 class KIVILayer(BatchOpsMixin, DynamicLayer):
-    """One attention layer's KIVI cache: a quantized past (keys per channel, values per token) and a
-    full-precision window ``self.keys`` / ``self.values`` of the most recent tokens."""
+    """One attention layer's KIVI cache: the first ``sink_tokens`` tokens in full precision (0 by
+    default: plain KIVI), a quantized past (keys per channel, values per token) and a full-precision
+    window ``self.keys`` / ``self.values`` of the most recent tokens."""
 
     is_croppable = False
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual_length: int = 128,
-                 value_bits: int | None = None, **kwargs):
+                 value_bits: int | None = None, sink_tokens: int = 0, inv_freq: torch.Tensor | None = None,
+                 **kwargs):
         super().__init__()
+        self.inv_freq = inv_freq  # set: keys are quantized before RoPE (undone / redone around the codes)
         value_bits = bits if value_bits is None else value_bits
-        kivi_check(bits, group_size, residual_length)
+        kivi_check(bits, group_size, residual_length, sink_tokens=sink_tokens)
         kivi_check(value_bits, group_size, residual_length)
         self.key_bits, self.value_bits = bits, value_bits
-        self.group_size, self.residual_length = group_size, residual_length
+        self.group_size, self.residual_length, self.sink_tokens = group_size, residual_length, sink_tokens
         self.qkeys = self.qvalues = None  # dicts of packed codes / scale / min, see quantize_keys
+        self.sink_keys = self.sink_values = None  # [B, H, <= sink_tokens, D], full precision
         self.n_quantized = 0
 
     def lazy_initialization(self, key_states, value_states):
@@ -181,17 +217,31 @@ class KIVILayer(BatchOpsMixin, DynamicLayer):
     def dequantized_past(self, dtype):
         if self.n_quantized == 0:
             return None, None
-        return (dequantize_keys(self.qkeys, self.key_bits, self.group_size, dtype),
+        k = dequantize_keys(self.qkeys, self.key_bits, self.group_size, torch.float32)
+        if self.inv_freq is not None:
+            k = rotate(k, self.n_sink() + torch.arange(self.n_quantized, device=k.device), self.inv_freq)
+        return (k.to(dtype),
                 dequantize_values(self.qvalues, self.value_bits, self.group_size, dtype))
+
+    def n_sink(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        take = min(self.sink_tokens - self.n_sink(), key_states.shape[-2])
+        if take > 0:  # the first tokens of the sequence (the attention sink) never leave full precision
+            sk, sv = key_states[..., :take, :], value_states[..., :take, :]
+            self.sink_keys = sk if self.sink_keys is None else torch.cat([self.sink_keys, sk], dim=-2)
+            self.sink_values = sv if self.sink_values is None else torch.cat([self.sink_values, sv], dim=-2)
+            key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        pk, pv = self.dequantized_past(key_states.dtype)
-        out_k = self.keys if pk is None else torch.cat([pk, self.keys], dim=-2)
-        out_v = self.values if pv is None else torch.cat([pv, self.values], dim=-2)
+        pk, pv = self.dequantized_past(self.keys.dtype)
+        parts_k = [t for t in (self.sink_keys, pk, self.keys) if t is not None]
+        parts_v = [t for t in (self.sink_values, pv, self.values) if t is not None]
+        out_k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, dim=-2)
+        out_v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, dim=-2)
         self._flush()
         return out_k, out_v
 
@@ -202,6 +252,9 @@ class KIVILayer(BatchOpsMixin, DynamicLayer):
             return
         n = (n_fp - self.residual_length) // g * g
         k_old, v_old = self.keys[..., :n, :], self.values[..., :n, :]
+        if self.inv_freq is not None:
+            pos = self.n_sink() + self.n_quantized + torch.arange(n, device=k_old.device)
+            k_old = rotate(k_old.float(), pos, self.inv_freq, sign=-1.0)
         self.qkeys = cat_q(self.qkeys, quantize_keys(k_old, self.key_bits, g), dim=-1)
         self.qvalues = cat_q(self.qvalues, quantize_values(v_old, self.value_bits, g), dim=-2)
         self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
@@ -210,11 +263,11 @@ class KIVILayer(BatchOpsMixin, DynamicLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.n_quantized + self.keys.shape[-2]
+        return self.n_sink() + self.n_quantized + self.keys.shape[-2]
 
     def reset(self) -> None:
         super().reset()
-        self.qkeys = self.qvalues = None
+        self.qkeys = self.qvalues = self.sink_keys = self.sink_values = None
         self.n_quantized = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -224,6 +277,8 @@ class KIVILayer(BatchOpsMixin, DynamicLayer):
         if self.get_seq_length() == 0:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.sink_keys is not None:
+            self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         for q in (self.qkeys, self.qvalues):
             if q is not None:
                 for k in q:
@@ -234,7 +289,7 @@ class KIVILayer(BatchOpsMixin, DynamicLayer):
         if not self.is_initialized:
             return {"bytes": 0, "fp16_bytes": 0, "tokens": 0, "quantized_tokens": 0}
         b, h, _, d = self.keys.shape
-        fp_window = 2 * self.keys.numel() * 2  # keys + values, 2 bytes each
+        fp_window = 2 * (self.keys.numel() + (0 if self.sink_keys is None else self.sink_keys.numel())) * 2
         held = nbytes(self.qkeys) + nbytes(self.qvalues) + fp_window
         return {"bytes": held, "fp16_bytes": 2 * b * h * self.get_seq_length() * d * 2,
                 "tokens": self.get_seq_length(), "quantized_tokens": self.n_quantized}
@@ -245,19 +300,25 @@ class KIVICache(Cache):
 
     ``bits`` (keys; values too unless ``value_bits``), ``group_size`` G (key groups along tokens,
     value groups along the head dimension, which it must divide), ``residual_length`` R (recent
-    tokens kept in full precision). With ``config`` one layer per decoder layer is built up front;
+    tokens kept in full precision), ``sink_tokens`` (the first tokens of the sequence, kept in full
+    precision for good: the attention sink; 0 = plain KIVI, the default). With ``config`` one layer per decoder layer is built up front;
     without, layers are added as they are first used.
     """
 
     def __init__(self, config=None, bits: int = 2, group_size: int = 32, residual_length: int = 128,
-                 value_bits: int | None = None):
-        kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, value_bits=value_bits)
+                 value_bits: int | None = None, sink_tokens: int = 0, pre_rope: bool = False):
+        kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, value_bits=value_bits,
+                  sink_tokens=sink_tokens)
         KIVILayer(**kw)  # validate now, with a clear message
-        self.kivi = kw
+        self.kivi = {**kw, "pre_rope": pre_rope}
+        if pre_rope:
+            if config is None:
+                raise ValueError("KIVICache pre_rope=True needs the model config (for the RoPE frequencies)")
+            kw["inv_freq"] = rope_inv_freq(config)
         if config is not None:
             cfg = config.get_text_config(decoder=True)
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kivi_check(bits, group_size, residual_length, head_dim)
+            kivi_check(bits, group_size, residual_length, head_dim, sink_tokens)
             super().__init__(layers=[KIVILayer(**kw) for _ in range(cfg.num_hidden_layers)])
         else:
             super().__init__(layer_class_to_replicate=functools.partial(KIVILayer, **kw))

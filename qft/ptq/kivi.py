@@ -12,6 +12,16 @@ modules and trainers can use it too; this file holds the method's entry points:
 window is fed in chunks of ``chunk_size`` tokens, each chunk attends to the quantized past;
 ``chunk_size=1`` is token-by-token decoding).
 
+Two options beyond the paper, both off by default (plain KIVI): ``sink_tokens=S`` keeps the first
+S tokens of the sequence in full precision for good (the attention sink: every later query puts
+much of its attention there, and its key is unlike the others, so it stretches its group's range;
+StreamingLLM / IntactKV / KVQuant keep it intact), and ``pre_rope=True`` quantizes keys before the
+rotary embedding (KVQuant's pre-RoPE key quantization: RoPE spins each channel pair with the token
+position, which widens a channel's range inside a group of tokens; the cache undoes the rotation of
+the tokens it quantizes and redoes it on dequantization, an exact rotation). On SmolLM2-135M, KV2
+g32 R128 over 20 x 512 wikitext-2 windows: plain 1.080x FP perplexity, see docs/ptq_core.md for
+the options' figures.
+
 Simplified from the paper: no fused CUDA kernels (the past is dequantized, then attention runs in
 torch); the full-precision window always holds between R and R + G - 1 tokens (the paper flushes
 the whole window at once, so it briefly holds fewer); scales and minima are float16. KIVI is not
@@ -33,22 +43,31 @@ __all__ = ["KIVICache", "kivi_cache", "evaluate_kv", "qdq_keys", "qdq_values"]
 
 
 def kivi_cache(model, bits: int = 2, group_size: int = 32, residual_length: int = 128,
-               value_bits: int | None = None):
-    """A zero-argument factory of fresh KIVI caches for ``model`` (validated now)."""
-    KIVICache(model.config, bits, group_size, residual_length, value_bits)
-    return lambda: KIVICache(model.config, bits, group_size, residual_length, value_bits)
+               value_bits: int | None = None, sink_tokens: int = 0, pre_rope: bool = False):
+    """A zero-argument factory of fresh KIVI caches for ``model`` (validated now). ``sink_tokens``
+    and ``pre_rope`` are the two options beyond the paper (default off), see the module docstring."""
+    kw = dict(bits=bits, group_size=group_size, residual_length=residual_length, value_bits=value_bits,
+              sink_tokens=sink_tokens, pre_rope=pre_rope)
+    KIVICache(model.config, **kw)
+    return lambda: KIVICache(model.config, **kw)
 
 
 @torch.no_grad()
 def evaluate_kv(model, windows: torch.Tensor, make_cache, chunk_size: int = 32, batch_size: int = 4,
-                desc: str = "eval (kv in the loop)", progress: bool = True) -> dict:
+                desc: str = "eval (kv in the loop)", progress: bool = True, offset: int | None = None) -> dict:
     """Perplexity with a KV cache in the loop: each window is fed ``chunk_size`` tokens at a time;
     every chunk attends to the cache built from the previous chunks (quantized where the cache
     quantizes). ``chunk_size=1`` is generate-style token-by-token decoding. ``make_cache()`` returns
-    a fresh transformers Cache. Returns {ppl, nll, tokens, kv} (kv: the last cache's memory report
+    a fresh transformers Cache. The first chunk is ``offset`` tokens longer (default: the cache's
+    ``sink_tokens``), so that chunks of G tokens end where KIVI's groups end and give exactly the
+    token-by-token result. Returns {ppl, nll, tokens, kv} (kv: the last cache's memory report
     if it has one)."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"evaluate_kv chunk_size={chunk_size!r} is not valid; allowed: a positive integer")
+    if offset is None:
+        offset = getattr(make_cache(), "kivi", {}).get("sink_tokens", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"evaluate_kv offset={offset!r} is not valid; allowed: an integer >= 0")
     model.eval()
     dev = next(model.parameters()).device
     # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there)
@@ -61,8 +80,9 @@ def evaluate_kv(model, windows: torch.Tensor, make_cache, chunk_size: int = 32, 
         batch = windows[i:i + batch_size].to(dev)
         cache = make_cache()
         logits = []
-        for s in range(0, batch.shape[1], chunk_size):
-            out = model(input_ids=batch[:, s:s + chunk_size], use_cache=True, **{key: cache})
+        bounds = [0] + list(range(chunk_size + offset, batch.shape[1], chunk_size)) + [batch.shape[1]]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            out = model(input_ids=batch[:, s:e], use_cache=True, **{key: cache})
             logits.append(out.logits.float())
             bar.update(1)
         logp = F.log_softmax(torch.cat(logits, 1)[:, :-1], -1)
