@@ -342,6 +342,78 @@ def section_quick(args):
         say(f"| KV{bits} decode 16K (err {err:.1e}) | {t_sdpa:.1f} (SDPA) | {t_kv:.1f} | {t_sdpa / t_kv:.2f} | | |")
 
 
+def section_fast(args):
+    """K-sliced kernels (wq_sliced) against the canonical ones, cuBLAS bf16 and tinygemm, per config."""
+    from qft.kernels import wq_triton as W, wq_sliced as S
+    say("\n## K-sliced weight-only kernels (graph timing, weight copies rotated)\n")
+    say("| case | M | cuBLAS bf16 us | variant | us | x bf16 | GB/s | rel err |")
+    say("|---|---|---|---|---|---|---|---|")
+    sms = W._num_sms(torch.device("cuda"))
+    for (k, n, bits, gs) in [(8192, 28672, 4, 128), (4096, 11008, 4, 128), (8192, 28672, 2, 128)]:
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw, sc, z = R.quantize_rtn(w, bits, gs)
+        sc = sc.to(torch.bfloat16)
+        wbytes = qw.numel() * 4 + sc.numel() * 4
+        ps = [W.prepare(qw if i == 0 else qw.clone(), sc, z, bits, gs, k, torch.bfloat16)
+              for i in range(copies_for(wbytes, cap=6))]
+        ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        tg = None
+        if bits == 4:
+            tg, _ = tinygemm_setup(w)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = R.qlinear(x.float(), qw, sc, z, bits, gs, k)
+            t_bf = gbench([lambda wi=wi: F.linear(x, wi) for wi in ws])
+            var = {}
+            if m <= 4:
+                var["old gemv"] = lambda p: W.gemv(x, p)
+                for bn, nw in ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4)):
+                    for sk in (None, 1):
+                        var[f"sliced gemv bn{bn} w{nw} sk{sk}"] = (lambda p, bn=bn, nw=nw, sk=sk: S.gemv(
+                            x, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, n, bn=bn, num_warps=nw,
+                            split_k=sk, sms=sms))
+            else:
+                var["old gemm"] = lambda p: W.gemm(x, p)
+            if bits == 4:
+                for bn, nw in ((64, 4), (128, 4), (128, 8)):
+                    for sk in (None, 1):
+                        var[f"sliced mma bn{bn} w{nw} sk{sk}"] = (lambda p, bn=bn, nw=nw, sk=sk: S.mma(
+                            x, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, n, bn=bn, num_warps=nw,
+                            split_k=sk, sms=sms))
+            var["qlinear (dispatch)"] = lambda p: W.linear(x, p)
+            rows = []
+            for name, fn in var.items():
+                try:
+                    err = rel(fn(ps[0]), ref)
+                    t = gbench([lambda p=p: fn(p) for p in ps])
+                except Exception as e:
+                    say(f"| {k}x{n} W{bits} | {m} | {t_bf:.1f} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
+                    continue
+                rows.append((t, name, err))
+            if tg is not None:
+                rows.append((gbench([lambda: tg(x)]), "tinygemm", float("nan")))
+            for t, name, err in sorted(rows):
+                gbs = (wbytes + m * (k + n) * 2) / (t * 1e-6) / 1e9
+                bad = " !!" if err > 1e-2 else ""
+                say(f"| {k}x{n} W{bits} g{gs} | {m} | {t_bf:.1f} | {name} | {t:.1f} | {t_bf / t:.2f} | {gbs:.0f} | {err:.1e}{bad} |")
+        del w, ws, ps
+        torch.cuda.empty_cache()
+    # OneBit at M=1
+    k, n = 8192, 28672
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    psg = R.pack_signs(w)
+    g = torch.rand(k, device="cuda") + 0.5
+    h = torch.rand(n, device="cuda") * 0.02
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    t_bf = gbench([lambda: F.linear(x, w)])
+    err = rel(K.onebit_linear(x, psg, g, h, k), R.onebit_linear(x.float(), psg, g, h, k))
+    pcs = [psg] + [psg.clone() for _ in range(copies_for(psg.numel() * 4) - 1)]
+    t = gbench([lambda p_=p_: K.onebit_linear(x, p_, g, h, k) for p_ in pcs])
+    say(f"| {k}x{n} OneBit | 1 | {t_bf:.1f} | onebit_linear (sliced gemv) | {t:.1f} | {t_bf / t:.2f} | "
+        f"{(psg.numel() * 4) / (t * 1e-6) / 1e9:.0f} | {err:.1e} |")
+
+
 def section_e2e(args):
     """Greedy decode, Llama-7B-shaped (random weights), batch 1, CUDA graph per step."""
     say("\n## End-to-end greedy decode, Llama-7B-shaped random weights, batch 1\n")
@@ -438,7 +510,8 @@ def main():
     secs = args.sections.split(",")
     fns = {"w4": lambda: section_w4(args, ceiling), "lowbit": lambda: section_lowbit(args),
            "int8": lambda: section_int8(args), "kv": lambda: section_kv(args), "e2e": lambda: section_e2e(args),
-           "sweep": lambda: section_sweep(args), "quick": lambda: section_quick(args)}
+           "sweep": lambda: section_sweep(args), "quick": lambda: section_quick(args),
+           "fast": lambda: section_fast(args)}
     for sname in secs:
         t0 = time.time()
         try:

@@ -18,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+import weakref
+
+from . import wq_sliced
 from ._util import alloc, interpreting
-from .wq_triton import _unit_floats
+from .wq_triton import _num_sms as _sms, _unit_floats
 
 
 @triton.jit
@@ -95,6 +98,23 @@ def _gemm_kernel(x_ptr, w_ptr, g_ptr, h_ptr, b_ptr, y_ptr, M, N, K, Kw, stride_x
 
 GEMV_MAX_M = 4
 OVERRIDE: dict = {}
+_SLICED: dict = {}
+
+
+def sliced_signs(packed: torch.Tensor, k: int):
+    """K-sliced copy of the packed signs (``wq_sliced.relayout``, 1 bit), built once per tensor
+    (cached by data_ptr / version, dropped with the tensor), or None where K has no block size."""
+    bkw = wq_sliced.block_words(1, k, k)
+    if not bkw:
+        return None, 0
+    key = (packed.data_ptr(), getattr(packed, "_version", 0), tuple(packed.shape), packed.device)
+    hit = _SLICED.get(key)
+    if hit is not None and hit[0]() is packed:
+        return hit[1], bkw
+    sl = wq_sliced.relayout(packed, 1, k, bkw)
+    _SLICED[key] = (weakref.ref(packed), sl)
+    weakref.finalize(packed, _SLICED.pop, key, None)
+    return sl, bkw
 
 
 def linear(x2: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Tensor, bias=None):
@@ -104,6 +124,13 @@ def linear(x2: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Ten
     if m == 0:
         return y
     b = bias if bias is not None else h
+    if m <= GEMV_MAX_M and not OVERRIDE.get("no_sliced"):
+        sl, bkw = sliced_signs(packed, k)
+        if sl is not None:  # sign = 2 q - 1: the 1-bit case with z = 1/2, s = 2 h, g folded into x
+            s2 = (2.0 * h.float()).reshape(n, 1)
+            z = torch.full_like(s2, 0.5)
+            return wq_sliced.gemv(x2, sl, s2, z, 1, k, bkw, n, bias, g=g, sms=_sms(x2.device),
+                                  **OVERRIDE.get("sliced_gemv", {}))
     if m <= GEMV_MAX_M:
         cfg = OVERRIDE.get("gemv", {})
         bn, bkw, nw = cfg.get("bn", 16), cfg.get("bkw", 4), cfg.get("num_warps", 1)

@@ -45,7 +45,8 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_si
     from . import wq_triton
 
     if bits in (1, 2, 4, 8) and scales.dtype == dtype and zeros.dtype == dtype \
-            and scales.is_contiguous() and zeros.is_contiguous() and qweight.is_contiguous():
+            and scales.is_contiguous() and zeros.is_contiguous() and qweight.is_contiguous() \
+            and not wq_triton.wq_sliced.block_words(bits, group_size, in_features):
         return wq_triton.PreparedQWeight(qweight, scales, zeros, bits, bits, group_size, in_features,
                                          qweight.shape[0])
     key = (qweight.data_ptr(), _version(qweight), scales.data_ptr(), _version(scales),
@@ -65,7 +66,8 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_si
 
 
 def _fields(p):
-    return (p.qweight, p.scales, p.zeros, p.bits, p.orig_bits, p.group_size, p.in_features, p.out_features)
+    return (p.qweight, p.scales, p.zeros, p.bits, p.orig_bits, p.group_size, p.in_features, p.out_features,
+            p.sliced, p.bkw)
 
 
 def clear_cache() -> None:

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
+from . import wq_sliced
 from .reference import pack_int32, unpack_int32
 
 
@@ -73,6 +74,8 @@ class PreparedQWeight:
     group_size: int        # effective group size (in_features for per-channel)
     in_features: int
     out_features: int
+    sliced: torch.Tensor | None = None  # K-sliced copy of qweight (wq_sliced.relayout), built once at load
+    bkw: int = 0                          # its words per row per block (0: no sliced copy)
 
     @property
     def n_groups(self) -> int:
@@ -98,8 +101,10 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
         qw = pack_int32(unpack_int32(qweight, bits, in_features), cb)
     else:
         qw = qweight.contiguous()
+    bkw = wq_sliced.block_words(cb, group_size, in_features)
+    sl = wq_sliced.relayout(qw, cb, in_features, bkw) if bkw else None
     return PreparedQWeight(qw, scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(), cb, bits,
-                           group_size, in_features, n)
+                           group_size, in_features, n, sl, bkw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,11 +549,38 @@ def _gemv_tuned(x2, p, bias):
     return gemv(x2, p, bias, **cfg)
 
 
+# M ranges of the K-sliced kernels (wq_sliced): CUDA-core GEMV up to SLICED_GEMV_MAX_M, tensor-core
+# kernel up to SLICED_MMA_MAX_M (4-bit and lower, 16-word blocks)
+SLICED_GEMV_MAX_M = 4
+SLICED_MMA_MAX_M = 64
+
+
+def sliced_linear(x2, p: PreparedQWeight, bias=None, **cfg):
+    """The K-sliced path when it applies to this weight and M, else None."""
+    m = x2.shape[0]
+    if p.sliced is None:
+        return None
+    sms = _num_sms(x2.device)
+    if m <= SLICED_GEMV_MAX_M:
+        c = {**OVERRIDE.get("sliced_gemv", {}), **cfg}
+        return wq_sliced.gemv(x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                              sms=sms, **c)
+    if m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 16:
+        c = {**OVERRIDE.get("sliced_mma", {}), **cfg}
+        return wq_sliced.mma(x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                             sms=sms, upcast=interpreting() or x2.dtype == torch.float32, **c)
+    return None
+
+
 def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
     """y = x2 @ deq(W)^T (+ bias) for a 2-D contiguous x2 (last dim = in_features)."""
     m = x2.shape[0]
     if m == 0:
         return x2.new_empty((0, p.out_features))
+    if not OVERRIDE.get("no_sliced"):
+        y = sliced_linear(x2, p, bias)
+        if y is not None:
+            return y
     if m <= GEMV_MAX_M:
         return _gemv_tuned(x2, p, bias)
     if m >= LARGE_M and _large_m_path(x2, p, bias) == "deq":

@@ -1,0 +1,301 @@
+"""K-sliced re-layout of packed weights and the small-M kernels that read it (W{1,2,4,8}A16).
+
+Idea
+----
+The canonical layout puts values ``8 kw .. 8 kw + 7`` of a row (4-bit) into word ``kw``, so a
+kernel that decodes one *slot* (bit field) of many words at once gets activations at a stride.
+At load (once, cached by ``ops.prepared``) each row is re-packed block by block: a block of
+``KB = VPW * BKW`` values (``VPW = 32 // bits`` values per word, ``BKW`` words per row) puts value
+``blk * KB + p * BKW + c`` into slot ``p`` of word ``blk * BKW + c``. Decoding slot ``p`` of a
+``[BN, BKW]`` tile of words is then one elementwise op on the tile, and it pairs with the
+*contiguous* activations ``x[blk * KB + p * BKW : ... + BKW]``. The tile is never reshaped or
+joined (no layout conversions inside the loop). The row stays contiguous, ``KB`` divides the
+group size (or K for per-channel), so every block lies in one group.
+
+Decode without a conversion instruction (``_slot_float``): the slot's bits are placed in the fp32
+mantissa and OR-ed with the exponent of 1.0, giving ``f = 1 + q 2**(P - 23)`` exactly. Slots that
+already sit at a mantissa position ``P`` in ``[12, 23 - bits]`` need a single LOP3 (mask + or);
+the others are shifted to ``T = 23 - bits`` first (one SHF more). The different ``2**(P - 23)``
+are undone by pre-scaling the activations by ``2**(23 - P)`` (exact, powers of two) in a tiny
+pre-pass (``_xprep_kernel``), which also stores fp32 copies of x (no conversions in the GEMV loop)
+and per-block sums ``sum x'`` and ``sum x`` for the correction: per row and block,
+``sum_k (q_k - z) s x_k = s (sum_k f_k x'_k - sum_k x'_k - z sum_k x_k)``.
+
+Kernels
+-------
+* ``_gemv_kernel`` (M <= 4): CUDA cores, one FFMA per element, per-thread accumulators
+  ``[BN, BKW]`` reduced across threads once at the end; next block's words prefetched.
+* ``_mma_kernel`` (M up to 64): tensor cores. Slot ``p`` becomes the exact bf16 ``128 + q``
+  (OR into the mantissa of 0x4300, bits <= 4) and ``tl.dot`` multiplies it with ``x^T`` slice
+  ``p``; per block ``acc += s * dot - s (128 + z) * sum x`` (the products are exact in fp32).
+
+OneBit (signs, ``y = h * ((x * g) @ sign(W)^T)``) is the 1-bit case with ``z = 1/2``, ``s = 2 h``
+and ``g`` folded into the pre-pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import alloc
+
+
+
+def block_words(bits: int, group_size: int, in_features: int, cap: int = 16) -> int:
+    """BKW: words per row per block (power of two <= cap) with KB = BKW * 32 // bits dividing the
+    group (and K); 0 when no such block exists (the caller then uses the canonical kernels)."""
+    vpw = 32 // bits
+    bkw = cap
+    while bkw >= 1:
+        kb = bkw * vpw
+        if in_features % kb == 0 and group_size % kb == 0:
+            return bkw
+        bkw //= 2
+    return 0
+
+
+def relayout(qweight: torch.Tensor, bits: int, in_features: int, bkw: int) -> torch.Tensor:
+    """Canonical int32 [N, Kw] -> K-sliced int32 [N, Kw] (see the module docstring)."""
+    vpw = 32 // bits
+    n, kw = qweight.shape
+    mask = (1 << bits) - 1
+    out = torch.empty_like(qweight)
+    rows = max(1, (1 << 25) // max(kw, 1))  # bound the temporaries (~32 M words at a time)
+    for r0 in range(0, n, rows):
+        w = qweight[r0:r0 + rows]
+        # values in canonical order: u[:, k] = slot k % vpw of word k // vpw
+        u = torch.stack([(w >> (j * bits)) & mask for j in range(vpw)], dim=-1).reshape(w.shape[0], -1)
+        # block-local order (p, c) -> word c, slot p
+        u = u.reshape(w.shape[0], kw // bkw, vpw, bkw)
+        acc = torch.zeros(w.shape[0], kw // bkw, bkw, dtype=torch.int64, device=w.device)
+        for p in range(vpw):
+            acc |= u[:, :, p, :].to(torch.int64) << (p * bits)
+        acc = acc.reshape(w.shape[0], kw)
+        out[r0:r0 + rows] = torch.where(acc >= (1 << 31), acc - (1 << 32), acc).to(torch.int32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _slot_pos(p, BITS: tl.constexpr):
+    """Mantissa position of slot p's lowest bit after decoding: slot p sits at P = p * BITS and is
+    moved by a multiple d of the window width into the window [LOW, 23 - BITS]; all slots moved by
+    the same d share one shift (at most two shifts per word)."""
+    LOW: tl.constexpr = 8 if BITS >= 4 else 10  # lower costs precision (f x' - x' cancels)
+    WD: tl.constexpr = 24 - BITS - LOW
+    P = p * BITS
+    d = ((P - LOW + 4 * WD) // WD - 4) * WD
+    return P - d
+
+
+@triton.jit
+def _slot_float(wu, p: tl.constexpr, BITS: tl.constexpr, EXP):
+    """uint32 words -> fp32 1 + q_p 2**(pos - 23) for slot p (exact): a mask-or, after a shift
+    shared with the other slots of the same window."""
+    LOW: tl.constexpr = 8 if BITS >= 4 else 10  # lower costs precision (f x' - x' cancels)
+    WD: tl.constexpr = 24 - BITS - LOW
+    P: tl.constexpr = p * BITS
+    D: tl.constexpr = ((P - LOW + 4 * WD) // WD - 4) * WD
+    M: tl.constexpr = (1 << BITS) - 1
+    if D == 0:
+        v = wu & (M << P)
+    elif D < 0:
+        v = (wu << (-D)) & (M << (P - D))
+    else:
+        v = (wu >> D) & (M << (P - D))
+    return (v | EXP).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _xprep_kernel(x_ptr, g_ptr, xp_ptr, xs_ptr, K, nblk, stride_xm,
+                  BITS: tl.constexpr, BKW: tl.constexpr, HAS_G: tl.constexpr):
+    """x [M, K] -> x' [M, K] fp32 (x * 2**(23 - pos(slot))) and per block (sum x', sum x)."""
+    blk = tl.program_id(0)
+    m = tl.program_id(1)
+    VPW: tl.constexpr = 32 // BITS
+    p = tl.arange(0, VPW)
+    c = tl.arange(0, BKW)
+    k = blk * (VPW * BKW) + p[:, None] * BKW + c[None, :]
+    x = tl.load(x_ptr + m * stride_xm + k).to(tl.float32)
+    if HAS_G:
+        x = x * tl.load(g_ptr + k).to(tl.float32)
+    e = 23 - _slot_pos(p, BITS)
+    sc = ((127 + e) << 23).to(tl.float32, bitcast=True)  # 2**e exactly
+    xp = x * sc[:, None]
+    tl.store(xp_ptr + m * K + k, xp)
+    tl.store(xs_ptr + (m * nblk + blk) * 2, tl.sum(tl.sum(xp, 1), 0))
+    tl.store(xs_ptr + (m * nblk + blk) * 2 + 1, tl.sum(tl.sum(x, 1), 0))
+
+
+@triton.jit
+def _gemv_kernel(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                 N, K, Kw, G, GS, nblk, stride_ym, blk_per_split, EXP,
+                 BITS: tl.constexpr, BKW: tl.constexpr, BN: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    VPW: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = VPW * BKW
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rc = tl.arange(0, BKW)
+    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw + rc[None, :]
+    x_row = xp_ptr + pid_m * K + rc
+    xs_row = xs_ptr + pid_m * nblk * 2
+    b_lo = pid_k * blk_per_split
+    b_hi = tl.minimum(b_lo + blk_per_split, nblk)
+    acc = tl.zeros([BN, BKW], dtype=tl.float32)
+    corr = tl.zeros([BN], dtype=tl.float32)
+    xs1 = 0.0
+    xs0 = 0.0
+    w = tl.load(w_ptrs + b_lo * BKW, mask=nmask[:, None], other=0)
+    for blk in range(b_lo, b_hi):
+        w_n = tl.load(w_ptrs + tl.minimum(blk + 1, b_hi - 1) * BKW, mask=nmask[:, None], other=0)
+        wu = w.to(tl.uint32, bitcast=True)
+        part = _slot_float(wu, 0, BITS, EXP) * tl.load(x_row + blk * KB)[None, :]
+        for p in tl.static_range(1, VPW):
+            xv = tl.load(x_row + blk * KB + p * BKW)
+            part += _slot_float(wu, p, BITS, EXP) * xv[None, :]
+        if PER_CHANNEL:
+            acc += part
+            xs1 += tl.load(xs_row + blk * 2)
+            xs0 += tl.load(xs_row + blk * 2 + 1)
+        else:
+            g = (blk * KB) // GS
+            s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+            acc += part * s[:, None]
+            corr += s * (tl.load(xs_row + blk * 2) + z * tl.load(xs_row + blk * 2 + 1))
+        w = w_n
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        out = s * (tl.sum(acc, axis=1) - xs1 - z * xs0)
+    else:
+        out = tl.sum(acc, axis=1) - corr
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+    optr = y_ptr + pid_m * stride_ym + rn
+    if ATOMIC:
+        tl.atomic_add(optr, out, mask=nmask)
+    else:
+        tl.store(optr, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _mma_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                M, N, K, Kw, G, GS, nblk, stride_xm, stride_ym, blk_per_split,
+                BITS: tl.constexpr, BKW: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc[BN, BM] = deq(W)[BN, K] @ x^T[K, BM]; slot p of a block times x^T slice p (bits <= 4)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    VPW: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = VPW * BKW
+    M_: tl.constexpr = (1 << BITS) - 1
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    rc = tl.arange(0, BKW)
+    dt = x_ptr.dtype.element_ty
+    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw + rc[None, :]
+    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + rc[:, None]  # [BKW, BM]
+    b_lo = pid_k * blk_per_split
+    b_hi = tl.minimum(b_lo + blk_per_split, nblk)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    w = tl.load(w_ptrs + b_lo * BKW, mask=nmask[:, None], other=0)
+    for blk in range(b_lo, b_hi):
+        w_n = tl.load(w_ptrs + tl.minimum(blk + 1, b_hi - 1) * BKW, mask=nmask[:, None], other=0)
+        wu = w.to(tl.uint32, bitcast=True)
+        accb = tl.zeros([BN, BM], dtype=tl.float32)
+        xsum = tl.load(xs_ptr + (rm * nblk + blk) * 2 + 1, mask=mmask, other=0.0)
+        for p in tl.static_range(VPW):
+            xt = tl.load(x_ptrs + blk * KB + p * BKW, mask=mmask[None, :], other=0.0)
+            f = (((wu >> (p * BITS)) & M_) | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # 128 + q
+            if UPCAST:
+                accb += tl.dot(f.to(tl.float32), xt.to(tl.float32))
+            else:
+                accb = tl.dot(f.to(dt), xt, accb)
+        g = (blk * KB) // GS
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        acc += accb * s[:, None] - (s * (128.0 + z))[:, None] * xsum[None, :]
+        w = w_n
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    out = y_ptr + rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=omask)
+    else:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# --------------------------------------------------------------------------------------------
+def _splits(tiles: int, nblk: int, sms: int, target: int, cap: int = 16) -> int:
+    sk = 1
+    while tiles * sk < target * sms and sk < cap and nblk // (sk * 2) >= 4:
+        sk *= 2
+    return sk
+
+
+def prep_x(x2: torch.Tensor, bits: int, bkw: int, g: torch.Tensor | None = None):
+    m, k = x2.shape
+    nblk = k // (bkw * 32 // bits)
+    xp = torch.empty((m, k), device=x2.device, dtype=torch.float32)
+    xs = torch.empty((m, nblk, 2), device=x2.device, dtype=torch.float32)
+    _xprep_kernel[(nblk, m)](x2, g if g is not None else x2, xp, xs, k, nblk, x2.stride(0),
+                             BITS=bits, BKW=bkw, HAS_G=g is not None)
+    return xp, xs, nblk
+
+
+def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, out_dtype=None, bn=None,
+         num_warps=None, split_k=None, sms=132):
+    """y[M, N] for small M from K-sliced words ``qw`` (see :func:`relayout`)."""
+    m, k = x2.shape
+    xp, xs, nblk = prep_x(x2, bits, bkw, g)
+    bn = bn or 32
+    nw = num_warps or 1
+    tiles = triton.cdiv(n, bn) * m
+    sk = split_k or _splits(tiles, nblk, sms, 8)
+    per = triton.cdiv(nblk, sk)
+    sk = triton.cdiv(nblk, per)
+    atomic = sk > 1
+    odt = out_dtype or x2.dtype
+    y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), odt, x2.device)
+    per_ch = scales.shape[1] == 1
+    _gemv_kernel[(triton.cdiv(n, bn), m, sk)](
+        xp, xs, qw, scales, zeros, bias if bias is not None else scales, y,
+        n, k, qw.shape[1], scales.shape[1], group_size, nblk, y.stride(0), per, 0x3F800000,
+        BITS=bits, BKW=bkw, BN=bn, PER_CHANNEL=per_ch, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        num_warps=nw)
+    return y.to(odt) if atomic else y
+
+
+def mma(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, bn=None, bm=None, num_warps=None,
+        split_k=None, sms=132, upcast=False):
+    m, k = x2.shape
+    _, xs, nblk = prep_x(x2, bits, bkw)
+    bm = bm or (16 if m <= 16 else 32 if m <= 32 else 64)
+    bn = bn or 64
+    nw = num_warps or 4
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    sk = split_k or _splits(tiles, nblk, sms, 2)
+    per = triton.cdiv(nblk, sk)
+    sk = triton.cdiv(nblk, per)
+    atomic = sk > 1
+    y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
+    kw = dict(BITS=bits, BKW=bkw, BN=bn, BM=bm, HAS_BIAS=bias is not None, ATOMIC=atomic, UPCAST=upcast)
+    if not upcast:
+        kw.update(num_warps=nw, num_stages=1)
+    _mma_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), sk)](
+        x2, xs, qw, scales, zeros, bias if bias is not None else scales, y,
+        m, n, k, qw.shape[1], scales.shape[1], group_size, nblk, x2.stride(0), y.stride(0), per, **kw)
+    return y.to(x2.dtype) if atomic else y
