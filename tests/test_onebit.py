@@ -257,3 +257,17 @@ def test_onebit_recipe_validation(tmp_path):
         load_onebit_recipe("recipes/smollm2-135m/onebit.yaml", ["eval.texts=[]", "onebit.lora_rank=4"])
     with pytest.raises(RecipeError, match="quant.bits=2"):
         load_onebit_recipe("recipes/smollm2-135m/onebit.yaml", ["eval.texts=[]", "quant=w2g64"])
+
+
+def test_qft_train_dispatches_onebit_recipes(capsys):
+    """`qft train` runs recipes with an `onebit` block through qft.train.onebit (dry run: validated, not trained)."""
+    import json
+
+    from qft.cli import main
+    assert main(["train", "recipes/smollm2-135m/onebit.yaml", "--dry-run", "--override", "eval.texts=[]",
+                 "--override", "onebit.mode=frozen"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["onebit"]["mode"] == "frozen" and out["output_dir"] == "runs/onebit-smollm2-135m"
+    assert main(["train", "recipes/smollm2-135m/onebit.yaml", "--dry-run", "--override", "eval.texts=[]",
+                 "--override", "onebit.rank=4"]) == 2
+    assert "onebit: unknown key 'rank' (did you mean 'lora_rank'?)" in capsys.readouterr().err

@@ -47,6 +47,8 @@ def run_train(args) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     if args.model:
         overrides.append(f"model={args.model}")
+    if _is_onebit_recipe(path):  # OneBit recipes (an `onebit` block) run qft.train.onebit's job
+        return _run_onebit(args, path, overrides)
     recipe = load_recipe(path, overrides)
     if args.text:
         recipe.eval.texts = list(recipe.eval.texts) + list(args.text)
@@ -64,4 +66,40 @@ def run_train(args) -> int:
         return 0
     from qft.train.pipeline import run_pipeline
     run_pipeline(recipe, resume=args.resume)
+    return 0
+
+
+def _is_onebit_recipe(path) -> bool:
+    from pathlib import Path
+
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        return False
+    d = yaml.safe_load(p.read_text()) or {}
+    return isinstance(d, dict) and "onebit" in d
+
+
+def _run_onebit(args, path, overrides) -> int:
+    import json
+    from pathlib import Path
+
+    from qft.train.args import RecipeError
+    from qft.train.onebit import load_onebit_recipe, run
+    if args.resume:
+        raise RecipeError("--resume is not supported for OneBit recipes; allowed: a fresh run")
+    recipe, ob = load_onebit_recipe(path, overrides)
+    if args.text:
+        recipe.eval.texts = list(recipe.eval.texts) + list(args.text)
+        recipe.eval.__post_init__()
+    if args.dry_run:
+        print(json.dumps({"recipe": str(path), "onebit": vars(ob), "output_dir": recipe.output_dir}, indent=2,
+                         default=str))
+        return 0
+    report = run(recipe, ob)
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({k: report[k] for k in report if k in ("fp", "init", "before_merge", "after_merge", "train",
+                                                            "export")}, indent=2, default=str))
     return 0

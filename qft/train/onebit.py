@@ -193,17 +193,8 @@ def _evaluate_all(model, teacher, tok, recipe: Recipe, tag: str, cache: dict) ->
 
 
 def _selfgen_missing(teacher, tok, recipe: Recipe) -> float:
-    """Write every ``type: selfgen`` data file that does not exist yet with the teacher
-    (LLM-QAT data, :mod:`qft.train.selfgen`, settings from the recipe's ``selfgen`` block)."""
-    from qft.train.selfgen import SelfGenConfig, selfgen
-    t0 = time.time()
-    for src in recipe.data.get("sources") or []:
-        if isinstance(src, dict) and src.get("type") == "selfgen" and not Path(src.get("path", "")).exists():
-            sg = recipe.selfgen
-            cfg = SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed)
-            print(f"[onebit] generating {sg.n} x {sg.seq_len} tokens of training text into {src['path']}", flush=True)
-            selfgen(teacher, tok, src["path"], cfg, model_id=recipe.model)
-    return round(time.time() - t0, 1)
+    from qft.train.pipeline import write_missing_selfgen
+    return write_missing_selfgen(recipe, teacher, tok)
 
 
 def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:

@@ -45,6 +45,20 @@ def _log(msg: str) -> None:
     print(f"[qft train] {msg}", flush=True)
 
 
+def write_missing_selfgen(recipe: Recipe, teacher, tok) -> float:
+    """Write every ``type: selfgen`` data source whose file does not exist yet with the teacher (LLM-QAT
+    data, settings from the recipe's ``selfgen`` block); an existing file is used as it is (several recipes can share one)."""
+    from qft.train.selfgen import SelfGenConfig, selfgen
+    t0 = time.time()
+    sg = recipe.selfgen
+    for src in recipe.data.get("sources") or []:
+        if isinstance(src, dict) and src.get("type") == "selfgen" and not Path(src.get("path", "")).exists():
+            _log(f"self-generating {sg.n} x {sg.seq_len} tokens -> {src['path']}")
+            selfgen(teacher, tok, src["path"], SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size,
+                                                             seed=sg.seed), model_id=recipe.model)
+    return round(time.time() - t0, 1)
+
+
 def training_data(recipe: Recipe, teacher, tok, out: Path):
     """(dataset, collator, description) from the data block or self-generated sequences."""
     from qft.train.data import DataConfig, build_dataset
@@ -57,6 +71,8 @@ def training_data(recipe: Recipe, teacher, tok, out: Path):
         selfgen(teacher, tok, path, SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed),
                 model_id=recipe.model)
         cfg = {"sources": [{"type": "selfgen", "path": str(path)}], "seq_len": sg.seq_len, "seed": recipe.seed}
+    else:
+        write_missing_selfgen(recipe, teacher, tok)
     dcfg = DataConfig.from_dict(cfg)
     ds, coll = build_dataset(dcfg, tok)
     desc = ", ".join(f"{s.type}:{Path(s.path).name}" for s in dcfg.sources)
@@ -145,6 +161,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     set_seed(recipe.seed)
     spec, L = recipe.quant, recipe.lora
     targs = recipe.training_arguments()
+    if targs.device.type == "cuda" and not {"bf16", "fp16"} & set(recipe.train) and torch.cuda.is_bf16_supported():
+        targs = recipe.training_arguments(bf16=True)  # same recipe on CPU (fp32) and GPU (bf16 autocast)
     main = targs.process_index == 0
     distributed = targs.world_size > 1
     if distributed and L.mode == "full":
