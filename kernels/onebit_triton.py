@@ -101,6 +101,19 @@ OVERRIDE: dict = {}
 _SLICED: dict = {}
 
 
+def _row_params(h: torch.Tensor):
+    """(2 h, 1/2) as fp32 [N, 1] (per-channel scale and zero of the 1-bit form), cached per h."""
+    key = ("h", h.data_ptr(), getattr(h, "_version", 0), tuple(h.shape), h.device)
+    hit = _SLICED.get(key)
+    if hit is not None and hit[0]() is h:
+        return hit[1]
+    s2 = (2.0 * h.float()).reshape(-1, 1).contiguous()
+    val = (s2, torch.full_like(s2, 0.5))
+    _SLICED[key] = (weakref.ref(h), val)
+    weakref.finalize(h, _SLICED.pop, key, None)
+    return val
+
+
 def sliced_signs(packed: torch.Tensor, k: int):
     """K-sliced copy of the packed signs (``wq_sliced.relayout``, 1 bit), built once per tensor
     (cached by data_ptr / version, dropped with the tensor), or None where K has no block size."""
@@ -127,8 +140,7 @@ def linear(x2: torch.Tensor, packed: torch.Tensor, g: torch.Tensor, h: torch.Ten
     if m <= GEMV_MAX_M and not OVERRIDE.get("no_sliced"):
         sl, bkw = sliced_signs(packed, k)
         if sl is not None:  # sign = 2 q - 1: the 1-bit case with z = 1/2, s = 2 h, g folded into x
-            s2 = (2.0 * h.float()).reshape(n, 1)
-            z = torch.full_like(s2, 0.5)
+            s2, z = _row_params(h)
             return wq_sliced.gemv(x2, sl, s2, z, 1, k, bkw, n, bias, g=g, sms=_sms(x2.device),
                                   **OVERRIDE.get("sliced_gemv", {}))
     if m <= GEMV_MAX_M:
