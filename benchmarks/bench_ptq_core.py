@@ -51,6 +51,11 @@ ROWS = {
     "omniquant_w4a8": ("omniquant", QuantSpec(bits=4, group_size=64, act_bits=8), {"steps": 10, "train_batch": 1}, True),
     "kivi_kv4": ("kivi", None, {"bits": 4, "group_size": 32, "residual_length": 128}, False),
     "kivi_kv2": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128}, False),
+    "kivi_kv2_sink1": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128, "sink_tokens": 1}, False),
+    "kivi_kv2_prerope": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128, "pre_rope": True}, False),
+    "kivi_kv2_sink1_prerope": ("kivi", None, {"bits": 2, "group_size": 32, "residual_length": 128, "sink_tokens": 1,
+                                              "pre_rope": True}, False),
+    "kivi_kv4_sink1": ("kivi", None, {"bits": 4, "group_size": 32, "residual_length": 128, "sink_tokens": 1}, False),
 }
 DEFAULT_ROWS = ["fp", "w8a8_naive", "smoothquant", "llm_int8", "zeroquant_w8a8g64", "zeroquant_w4a8g64",
                 "zeroquant_w4a8g64_lkd", "rtn_w4g64", "omniquant_w4a16g64", "omniquant_w6a6", "omniquant_w4a8",
