@@ -368,7 +368,7 @@ def section_fast(args):
             var = {}
             if m <= 4:
                 var["old gemv"] = lambda p: W.gemv(x, p)
-                for bn, nw in ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4)):
+                for bn, nw in ((16, 1), (32, 1), (64, 2), (64, 4)):
                     for sk in (None, 1):
                         var[f"sliced gemv bn{bn} w{nw} sk{sk}"] = (lambda p, bn=bn, nw=nw, sk=sk: S.gemv(
                             x, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, n, bn=bn, num_warps=nw,
