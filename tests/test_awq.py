@@ -122,3 +122,14 @@ def test_awq_bad_options(calib):
         run("awq", m, QuantSpec(), calib=calib, percdamp=0.1)  # a GPTQ option: only for awq_gptq
     with pytest.raises(ValueError, match="max_shrink=1.5 is not valid"):
         run("awq_gptq", m, QuantSpec(), calib=calib, max_shrink=1.5)
+
+
+def test_duo_scales_are_extra_candidates_never_worse():
+    from qft.ptq.awq import weight_mean
+    x, W = outlier_inputs(seed=3)
+    W[:, 40:48] *= 0.05  # columns small relative to their group: duo scales can lift them
+    _, _, plain = search_scale(x, x.abs().mean(0), W, 3, 32, False, grid=10)
+    _, a, duo = search_scale(x, x.abs().mean(0), W, 3, 32, False, grid=10, duo=True)
+    assert duo <= plain
+    wm = weight_mean(W, 32)
+    assert wm.shape == (128,) and 0 < wm.min() and wm.max() <= 1 and wm[40:48].max() < wm[48:].min()

@@ -13,6 +13,11 @@ division by s is folded into the previous operation so the float model is unchan
   skipped with a warning when the head dimensions do not line up.
 * down_proj <- up_proj output rows (act(gate) * up is linear in up).
 
+With ``duo=True`` (the default) the grid also holds AutoAWQ's "duo" scales
+s = mean|x|^alpha / mean|w~|^(1 - alpha), where w~ is |W| normalized by its group's max (weight
+columns that are already small relative to their group get a larger scale); both families are
+candidates and the output error picks (``duo=False``: the paper's activation-only grid).
+
 Then the clipping search: per output row and group, shrink the min-max range by r in
 (1 - max_shrink, 1] (``clip_grid`` steps) and keep the r with the least output error
 sum_t (x_g . (w_g - q_g))^2 on the sampled tokens.
@@ -46,6 +51,8 @@ __all__ = ["AWQConfig", "search_scale", "search_clip", "awq_block", "awq", "awq_
 @dataclass
 class AWQConfig:
     grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search"})
+    duo: bool = field(default=True, metadata={
+        "help": "also try AutoAWQ's duo scales mean|x|^a / mean|w/groupmax|^(1-a) (the error picks)"})
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
@@ -69,28 +76,39 @@ def _qdq(W, bits, gs, symmetric, scale=None, zero=None):
     return Q.dequantize(Q.quantize(W, scale, zero, bits, gs), scale, zero, gs)
 
 
+def weight_mean(W: torch.Tensor, gs: int) -> torch.Tensor:
+    """Per input channel mean over rows of |W| / (its group's max |W|): [K] (AutoAWQ's w_mean)."""
+    N, K = W.shape
+    a = W.abs().reshape(N, K // gs, gs)
+    return (a / a.amax(-1, keepdim=True).clamp_min(1e-8)).reshape(N, K).mean(0)
+
+
 @torch.no_grad()
 def search_scale(x: torch.Tensor, xmean: torch.Tensor, W: torch.Tensor, bits: int, gs: int, symmetric: bool,
-                 grid: int = 20, forward=None, tie=None):
+                 grid: int = 20, forward=None, tie=None, duo: bool = False):
     """Best per-input-channel scale s [K] for weight W [N, K] on tokens x [T, K].
 
     ``forward(x, W)`` maps inputs and a (stacked) weight to the output whose error is measured
-    (default x @ W^T); ``tie(s)`` may average s over channels that must share one value.
-    Returns (s, alpha, loss); alpha = 0 (s = 1, plain round-to-nearest) is always a candidate.
+    (default x @ W^T); ``tie(s)`` may average s over channels that must share one value; ``duo``
+    adds the candidates mean|x|^alpha / weight_mean^(1 - alpha).
+    Returns (s, alpha, loss); alpha = 0 (s = 1, plain round-to-nearest) is always a candidate
+    (alpha is reported as -alpha for a duo candidate).
     """
     forward = forward or (lambda a, w: a @ w.t())
     ref = forward(x, W)
     best = (None, None, float("inf"))
-    for i in range(grid):
-        alpha = i / grid
-        s = xmean.clamp_min(1e-4).pow(alpha)
+    xm = xmean.clamp_min(1e-4)
+    wm = weight_mean(W, gs).clamp_min(1e-4) if duo else None
+    cands = [(i / grid, False) for i in range(grid)] + ([(i / grid, True) for i in range(1, grid)] if duo else [])
+    for alpha, is_duo in cands:
+        s = xm.pow(alpha) / wm.pow(1 - alpha) if is_duo else xm.pow(alpha)
         if tie is not None:
             s = tie(s)
         s = s / (s.max() * s.min()).sqrt()
         Wq = _qdq(W * s, bits, gs, symmetric) / s
         loss = (forward(x, Wq) - ref).pow(2).mean().item()
         if loss < best[2]:
-            best = (s, alpha, loss)
+            best = (s, -alpha if is_duo else alpha, loss)
     return best
 
 
@@ -205,7 +223,8 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
         W = torch.cat([_get(block, n).weight.float() for n in lins])
         gs = spec.group_for(W.shape[1])
         fwd = _mlp_forward(block) if lins == ["mlp.gate_proj", "mlp.up_proj"] else None
-        s, _alpha, _loss = search_scale(st.tokens, st.mean_abs, W, spec.bits, gs, spec.symmetric, cfg.grid, fwd, tie)
+        s, _alpha, _loss = search_scale(st.tokens, st.mean_abs, W, spec.bits, gs, spec.symmetric, cfg.grid, fwd, tie,
+                                        duo=cfg.duo)
         _fold(block, prev, kind, s, lins, layout)
         for n in lins:
             in_scale[n] = s
