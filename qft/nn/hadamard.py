@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qft import kernels
-from qft.nn.mixed import ExportMixin, _bias_param
+from qft.nn.mixed import ExportMixin, _bias_param, fill_sparse_bias
 
 __all__ = ["TRANSFORMS", "factor_sizes", "random_orthogonal", "hadamard_matrix", "make_transform", "apply_transform",
            "apply_transform_t", "transform_matrix", "HadamardLinear"]
@@ -133,9 +133,7 @@ class HadamardLinear(ExportMixin, nn.Module):
             getattr(m, f"{side}_a").copy_(a)
             if kind != "hadamard":
                 getattr(m, f"{side}_b").copy_(b)
-        if bias is not None:
-            m.bias.copy_(bias)
-        return m
+        return fill_sparse_bias(m, None, bias)
 
     @classmethod
     def _from_config(cls, c, dtype):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qft import kernels
-from qft.nn.mixed import ExportMixin, _bias_param, _col_dtype, sparse_linear, sparse_to_dense
+from qft.nn.mixed import ExportMixin, _bias_param, _col_dtype, fill_sparse_bias, sparse_linear, sparse_to_dense
 
 __all__ = ["LUTLinear", "BCQLinear"]
 
@@ -50,13 +50,7 @@ class LUTLinear(ExportMixin, nn.Module):
         m = cls(k, n, bias is not None, bits, nnz, dtype=dtype, device=codes.device, name=name)
         m.qweight.copy_(kernels.pack_int32(codes, bits))
         m.lut.copy_(lut)
-        if nnz:
-            m.sp_rowptr.copy_(sparse[0])
-            m.sp_col.copy_(sparse[1])
-            m.sp_val.copy_(sparse[2])
-        if bias is not None:
-            m.bias.copy_(bias)
-        return m
+        return fill_sparse_bias(m, sparse if nnz else None, bias)
 
     @classmethod
     def _from_config(cls, c, dtype):
@@ -121,9 +115,7 @@ class BCQLinear(ExportMixin, nn.Module):
         m.alpha.copy_(alpha)
         if offset is not None:
             m.offset.copy_(offset)
-        if bias is not None:
-            m.bias.copy_(bias)
-        return m
+        return fill_sparse_bias(m, None, bias)
 
     @classmethod
     def _from_config(cls, c, dtype):

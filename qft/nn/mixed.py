@@ -134,6 +134,18 @@ class ExportMixin:
         return m
 
 
+@torch.no_grad()
+def fill_sparse_bias(m: nn.Module, sparse=None, bias: torch.Tensor | None = None) -> nn.Module:
+    """Copy CSR outliers ``sparse = (rowptr, col, val)`` and ``bias`` into a freshly built module."""
+    if sparse is not None:
+        m.sp_rowptr.copy_(sparse[0])
+        m.sp_col.copy_(sparse[1])
+        m.sp_val.copy_(sparse[2])
+    if bias is not None:
+        m.bias.copy_(bias)
+    return m
+
+
 def _bias_param(n, bias, dtype, device):
     return nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False) if bias else None
 
@@ -196,13 +208,7 @@ class MixedLinear(ExportMixin, nn.Module):
         if r:
             m.col_idx.copy_(col_idx.to(torch.int32))
             m.col_weight.copy_(col_weight)
-        if nnz:
-            m.sp_rowptr.copy_(sparse[0])
-            m.sp_col.copy_(sparse[1])
-            m.sp_val.copy_(sparse[2])
-        if bias is not None:
-            m.bias.copy_(bias)
-        return m
+        return fill_sparse_bias(m, sparse if nnz else None, bias)
 
     @classmethod
     def _from_config(cls, c: dict, dtype) -> "MixedLinear":

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qft.nn.mixed import ExportMixin
+
 __all__ = ["outlier_levels", "ovp_encode", "ovp_decode", "ovp_qdq", "pack_pairs", "unpack_pairs", "OliVeLinear"]
 
 BITS = (4, 8)
@@ -109,7 +111,7 @@ def unpack_pairs(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-class OliVeLinear(nn.Module):
+class OliVeLinear(ExportMixin, nn.Module):
     """OVP-encoded weights (per output channel scale) x OVP fake-quantized inputs (static scale)."""
 
     qft_type = "olive_linear"
@@ -157,26 +159,13 @@ class OliVeLinear(nn.Module):
             x = ovp_qdq(x, self.act_scale.to(x.device), self.act_bits)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def export_tensors(self) -> dict:
-        t = {"qweight": self.qweight, "wscale": self.wscale}
-        if self.act_scale is not None:
-            t["act_scale"] = self.act_scale
-        if self.bias is not None:
-            t["bias"] = self.bias.data
-        return t
+    @classmethod
+    def _from_config(cls, c: dict, dtype) -> "OliVeLinear":
+        return cls(c["in_features"], c["out_features"], c["bias"], c["w_bits"], c["act_bits"], dtype=dtype)
 
     def export_config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "w_bits": self.w_bits, "act_bits": self.act_bits}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict | None, dtype=torch.float32) -> "OliVeLinear":
-        m = cls(config["in_features"], config["out_features"], config["bias"], config["w_bits"], config["act_bits"],
-                dtype=dtype)
-        if tensors is not None:
-            from qft.nn.reorder import _fill
-            _fill(m, tensors)
-        return m
 
     def bits_per_weight(self) -> float:
         return self.w_bits + 32 / self.in_features

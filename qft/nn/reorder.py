@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qft.nn.mixed import ExportMixin
 from qft.nn.qlinear import QuantLinear
 from qft.nn.quant import codebook
 from qft.spec import QuantSpec
@@ -59,7 +60,7 @@ def static_act_qdq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, clu
     return (out - x).detach() + x if x.requires_grad else out
 
 
-class FoldedRMSNorm(nn.Module):
+class FoldedRMSNorm(ExportMixin, nn.Module):
     """RMSNorm with an optional output permutation (RPTQ) and an optional bias (OS+ shift)."""
 
     qft_type = "folded_rmsnorm"
@@ -104,24 +105,13 @@ class FoldedRMSNorm(nn.Module):
         h = self.weight * h
         return h if self.bias is None else h + self.bias
 
-    def export_tensors(self) -> dict:
-        t = {"weight": self.weight.data}
-        if self.perm is not None:
-            t["perm"] = self.perm
-        if self.bias is not None:
-            t["bias"] = self.bias.data
-        return t
+    @classmethod
+    def _from_config(cls, c: dict, dtype) -> "FoldedRMSNorm":
+        return cls(c["hidden_size"], c["eps"], c["permuted"], c["has_bias"], dtype=dtype)
 
     def export_config(self) -> dict:
         return {"hidden_size": self.hidden_size, "eps": self.variance_epsilon, "permuted": self.perm is not None,
                 "has_bias": self.bias is not None}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict | None, dtype=torch.float32) -> "FoldedRMSNorm":
-        m = cls(config["hidden_size"], config["eps"], config["permuted"], config["has_bias"], dtype=dtype)
-        if tensors is not None:
-            _fill(m, tensors)
-        return m
 
     def bits_per_weight(self) -> float:
         return float(8 * self.weight.element_size())

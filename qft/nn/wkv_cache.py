@@ -26,6 +26,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from qft.nn.kv_cache import BatchOpsMixin, cat_q, dequantize_values, nbytes, quantize_values
+from qft.nn.mixed import ExportMixin
 from qft.nn.quant import round_ste
 
 __all__ = ["quantize_2d", "dequantize_2d", "fake_quant_2d", "WKVLayer", "WKVCache", "WKVProj", "wkv_cache",
@@ -184,7 +185,7 @@ class WKVCache(Cache):
                 "tokens": ms[0]["tokens"] if ms else 0, **self.wkv}
 
 
-class WKVProj(nn.Module):
+class WKVProj(ExportMixin, nn.Module):
     """k_proj / v_proj in full precision, carrying its layer's WKVQuant smoothing and KV settings."""
 
     qft_type = "wkv_proj"
@@ -224,24 +225,14 @@ class WKVProj(nn.Module):
         """(shift, scale) as [kv_heads, head_dim]."""
         return self.kv_shift.reshape(-1, self.head_dim), self.kv_scale.reshape(-1, self.head_dim)
 
-    def export_tensors(self) -> dict:
-        t = {"weight": self.weight.data, "kv_shift": self.kv_shift, "kv_scale": self.kv_scale}
-        if self.bias is not None:
-            t["bias"] = self.bias.data
-        return t
+    @classmethod
+    def _from_config(cls, c: dict, dtype) -> "WKVProj":
+        return cls(c["in_features"], c["out_features"], c["bias"], c["head_dim"], c["kv_bits"], c["group_size"],
+                   c["role"], dtype=dtype)
 
     def export_config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "head_dim": self.head_dim, "kv_bits": self.kv_bits, "group_size": self.group_size, "role": self.role}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict | None, dtype=torch.float32) -> "WKVProj":
-        m = cls(config["in_features"], config["out_features"], config["bias"], config["head_dim"], config["kv_bits"],
-                config["group_size"], config["role"], dtype=dtype)
-        if tensors is not None:
-            from qft.nn.reorder import _fill
-            _fill(m, tensors)
-        return m
 
     def bits_per_weight(self) -> float:
         return float(8 * self.weight.element_size())

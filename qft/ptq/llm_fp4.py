@@ -33,7 +33,8 @@ from torch import nn
 from qft.nn import quant as Q
 from qft.nn.qlinear import QuantLinear
 from qft.nn.reorder import ClusterQuantLinear, fp_round
-from qft.ptq.smoothquant import apply_smoothing, decoder_layers, options_to_config, smoothing_groups
+from qft.ptq.rptq import calibrate_blocks
+from qft.ptq.smoothquant import apply_smoothing, options_to_config, smoothing_groups
 from qft.registry import METHODS
 from qft.spec import QuantSpec, resolve_spec
 
@@ -192,16 +193,7 @@ def llm_fp4(model: nn.Module, spec: "QuantSpec | str | None" = None, calib: torc
                          f"(e.g. --scheme fp --bits 4 --group-size none)")
     if spec.act_bits not in (4, 8):
         raise ValueError(f"llm_fp4: QuantSpec.act_bits={spec.act_bits!r} is not valid; allowed: 4 (e2m1), 8 (e4m3)")
-    decoder_layers(model)
-    if calib is None or len(calib) == 0:
-        raise ValueError("llm_fp4 needs calibration windows (calib=[n, seq_len] token ids); got none")
-    from qft.ptq.calibrate import sequential
-    shifts = {}
-
-    def process(ctx):
-        shifts.update({f"{ctx.name}.{k}": v for k, v in llm_fp4_block(ctx, model, spec, cfg).items()})
-
-    sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="llm-fp4")
-    model.qft_llm_fp4_max_shift = shifts
-    model.qft_spec = spec.replace(format="qft")
+    per_block = calibrate_blocks("llm_fp4", model, calib, spec, lambda ctx: llm_fp4_block(ctx, model, spec, cfg),
+                                 cfg.batch_size)
+    model.qft_llm_fp4_max_shift = {f"{b}.{k}": v for b, d in per_block.items() for k, v in d.items()}
     return model

@@ -32,8 +32,8 @@ from torch import nn
 
 from qft.nn.quant import fake_quant_act, qdq_weight
 from qft.nn.reorder import FoldedRMSNorm
-from qft.ptq.rptq import channel_minmax, quantize_block_weights
-from qft.ptq.smoothquant import apply_smoothing, decoder_layers, options_to_config, smoothing_groups
+from qft.ptq.rptq import calibrate_blocks, channel_minmax, quantize_block_weights
+from qft.ptq.smoothquant import apply_smoothing, options_to_config, smoothing_groups
 from qft.registry import METHODS
 from qft.spec import QuantSpec, resolve_spec
 
@@ -165,16 +165,7 @@ def osplus(model: nn.Module, spec: "QuantSpec | str" = "w6a6", calib: torch.Tens
     spec = resolve_spec(spec)
     if spec.act_bits is None:
         raise ValueError("osplus targets activation quantization: QuantSpec.act_bits=None; use e.g. preset 'w6a6'")
-    decoder_layers(model)
-    if calib is None or len(calib) == 0:
-        raise ValueError("osplus needs calibration windows (calib=[n, seq_len] token ids); got none")
-    from qft.ptq.calibrate import sequential
-    chosen = {}
-
-    def process(ctx):
-        chosen.update({f"{ctx.name}.{k}": v for k, v in osplus_block(ctx, model, spec, cfg).items()})
-
-    sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="os+")
-    model.qft_osplus_thresholds = chosen
-    model.qft_spec = spec.replace(format="qft")
+    per_block = calibrate_blocks("osplus", model, calib, spec, lambda ctx: osplus_block(ctx, model, spec, cfg),
+                                 cfg.batch_size)
+    model.qft_osplus_thresholds = {f"{b}.{k}": v for b, d in per_block.items() for k, v in d.items()}
     return model

@@ -206,16 +206,25 @@ def rptq(model: nn.Module, spec: "QuantSpec | str" = "w4a8", calib: torch.Tensor
         raise ValueError(f"rptq: QuantSpec.act_bits={spec.act_bits} is not valid; allowed: 2..8")
     if spec.scheme != "int":
         raise ValueError(f"rptq: QuantSpec.scheme={spec.scheme!r} is not valid; allowed: 'int'")
-    decoder_layers(model)  # checks the Llama layout
+    clusters = calibrate_blocks("rptq", model, calib, spec, lambda ctx: rptq_block(ctx, spec, cfg), cfg.batch_size)
+    model.qft_rptq_clusters = clusters
+    return model
+
+
+def calibrate_blocks(method: str, model: nn.Module, calib, spec: QuantSpec, block_fn, batch_size: int) -> dict:
+    """The shared driver of the activation methods (RPTQ, OS+, LLM-FP4): checks the Llama layout and the
+    calibration, runs ``block_fn(ctx)`` on every decoder block in order (qft.ptq.calibrate.sequential:
+    each block sees the outputs of the already-quantized ones), marks the model for the native format
+    (its module types exist only there) and returns {block name: block_fn's result}."""
+    decoder_layers(model)
     if calib is None or len(calib) == 0:
-        raise ValueError("rptq needs calibration windows (calib=[n, seq_len] token ids); got none")
+        raise ValueError(f"{method} needs calibration windows (calib=[n, seq_len] token ids); got none")
     from qft.ptq.calibrate import sequential
-    clusters = {}
+    out = {}
 
     def process(ctx):
-        clusters[ctx.name] = rptq_block(ctx, spec, cfg)
+        out[ctx.name] = block_fn(ctx)
 
-    sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="rptq")
-    model.qft_rptq_clusters = clusters
+    sequential(model, calib, spec, process, batch_size=batch_size, desc=method)
     model.qft_spec = spec.replace(format="qft")
-    return model
+    return out
