@@ -209,6 +209,27 @@ def stage_eval(out: Path, only: list[str] | None, rtn: bool, kl_all: bool = Fals
         t = f"{r['time_s']:.0f}" if "time_s" in r else "-"
         print(f"| {name} | {r['wikitext-2']['ppl']:.2f} | {r['tinyshakespeare']['ppl']:.2f} | "
               f"{r['wikitext-2']['kl']:.3f} | {r['tinyshakespeare']['kl']:.3f} | {t} |")
+    print_pairs(done)
+
+
+def print_pairs(done: dict):
+    """llm-compressor GPTQ and qft GPTQ side by side per bit width (same calibration), and the bars."""
+    rows = []
+    for name in done:
+        if name.startswith("llmc-"):
+            q = "qft-gptq-" + name[len("llmc-"):]
+            if q in done:
+                rows.append((name[len("llmc-"):], done[name], done[q]))
+    if not rows:
+        return
+    print("\n| setting | ppl wikitext-2: llm-compressor / qft | ppl tinyshakespeare: llm-compressor / qft | "
+          "time (s): llm-compressor / qft | qft <= peer (ppl both, time) |")
+    print("|---|---|---|---|---|")
+    for setting, p, q in rows:
+        ok = all(q[c]["ppl"] <= p[c]["ppl"] for c in CORPORA) and q.get("time_s", 1e9) <= p.get("time_s", 0)
+        print(f"| {setting} | {p['wikitext-2']['ppl']:.2f} / {q['wikitext-2']['ppl']:.2f} | "
+              f"{p['tinyshakespeare']['ppl']:.2f} / {q['tinyshakespeare']['ppl']:.2f} | "
+              f"{p.get('time_s', float('nan')):.0f} / {q.get('time_s', float('nan')):.0f} | {'yes' if ok else 'no'} |")
 
 
 def main():
