@@ -109,6 +109,16 @@ def _slot_float(wu, p: tl.constexpr, BITS: tl.constexpr, EXP):
 
 
 @triton.jit
+def _load_block(w_ptrs, s_ptrs, z_ptrs, blk, nmask, KB: tl.constexpr, BKW: tl.constexpr, GS):
+    """Words [BN, BKW] of block blk and the scale / zero [BN] of its group (fp32)."""
+    g = (blk * KB) // GS
+    w = tl.load(w_ptrs + blk * BKW, mask=nmask[:, None], other=0)
+    sc = tl.load(s_ptrs + g, mask=nmask, other=0.0).to(tl.float32)
+    zp = tl.load(z_ptrs + g, mask=nmask, other=0.0).to(tl.float32)
+    return w, sc, zp
+
+
+@triton.jit
 def _xprep_kernel(x_ptr, g_ptr, xp_ptr, xs_ptr, K, nblk, stride_xm,
                   BITS: tl.constexpr, BKW: tl.constexpr, HAS_G: tl.constexpr):
     """x [M, K] -> x' [M, K] fp32 (x * 2**(23 - pos(slot))) and per block (sum x', sum x)."""
@@ -151,10 +161,15 @@ def _gemv_kernel(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     corr = tl.zeros([BN], dtype=tl.float32)
     xs1 = 0.0
     xs0 = 0.0
-    w = tl.load(w_ptrs + b_lo * BKW, mask=nmask[:, None], other=0)
+    s_ptrs = s_ptr + rn * G
+    z_ptrs = z_ptr + rn * G
+    # register prefetch two blocks ahead (words, scales, zeros): a block's loads are issued two
+    # iterations before its math, so each warp keeps ~2 blocks of weights in flight
+    w0, s0, z0 = _load_block(w_ptrs, s_ptrs, z_ptrs, b_lo, nmask, KB, BKW, GS)
+    w1, s1, z1 = _load_block(w_ptrs, s_ptrs, z_ptrs, tl.minimum(b_lo + 1, b_hi - 1), nmask, KB, BKW, GS)
     for blk in range(b_lo, b_hi):
-        w_n = tl.load(w_ptrs + tl.minimum(blk + 1, b_hi - 1) * BKW, mask=nmask[:, None], other=0)
-        wu = w.to(tl.uint32, bitcast=True)
+        w2, s2, z2 = _load_block(w_ptrs, s_ptrs, z_ptrs, tl.minimum(blk + 2, b_hi - 1), nmask, KB, BKW, GS)
+        wu = w0.to(tl.uint32, bitcast=True)
         part = _slot_float(wu, 0, BITS, EXP) * tl.load(x_row + blk * KB)[None, :]
         for p in tl.static_range(1, VPW):
             xv = tl.load(x_row + blk * KB + p * BKW)
@@ -164,12 +179,10 @@ def _gemv_kernel(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             xs1 += tl.load(xs_row + blk * 2)
             xs0 += tl.load(xs_row + blk * 2 + 1)
         else:
-            g = (blk * KB) // GS
-            s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-            acc += part * s[:, None]
-            corr += s * (tl.load(xs_row + blk * 2) + z * tl.load(xs_row + blk * 2 + 1))
-        w = w_n
+            acc += part * s0[:, None]
+            corr += s0 * (tl.load(xs_row + blk * 2) + z0 * tl.load(xs_row + blk * 2 + 1))
+        w0, s0, z0 = w1, s1, z1
+        w1, s1, z1 = w2, s2, z2
     if PER_CHANNEL:
         s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -209,10 +222,13 @@ def _mma_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     b_lo = pid_k * blk_per_split
     b_hi = tl.minimum(b_lo + blk_per_split, nblk)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    w = tl.load(w_ptrs + b_lo * BKW, mask=nmask[:, None], other=0)
+    s_ptrs = s_ptr + rn * G
+    z_ptrs = z_ptr + rn * G
+    w0, s0, z0 = _load_block(w_ptrs, s_ptrs, z_ptrs, b_lo, nmask, KB, BKW, GS)
+    w1, s1, z1 = _load_block(w_ptrs, s_ptrs, z_ptrs, tl.minimum(b_lo + 1, b_hi - 1), nmask, KB, BKW, GS)
     for blk in range(b_lo, b_hi):
-        w_n = tl.load(w_ptrs + tl.minimum(blk + 1, b_hi - 1) * BKW, mask=nmask[:, None], other=0)
-        wu = w.to(tl.uint32, bitcast=True)
+        w2, s2, z2 = _load_block(w_ptrs, s_ptrs, z_ptrs, tl.minimum(blk + 2, b_hi - 1), nmask, KB, BKW, GS)
+        wu = w0.to(tl.uint32, bitcast=True)
         accb = tl.zeros([BN, BM], dtype=tl.float32)
         xsum = tl.load(xs_ptr + (rm * nblk + blk) * 2 + 1, mask=mmask, other=0.0)
         for p in tl.static_range(VPW):
@@ -222,11 +238,9 @@ def _mma_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                 accb += tl.dot(f.to(tl.float32), xt.to(tl.float32))
             else:
                 accb = tl.dot(f.to(dt), xt, accb)
-        g = (blk * KB) // GS
-        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        acc += accb * s[:, None] - (s * (128.0 + z))[:, None] * xsum[None, :]
-        w = w_n
+        acc += accb * s0[:, None] - (s0 * (128.0 + z0))[:, None] * xsum[None, :]
+        w0, s0, z0 = w1, s1, z1
+        w1, s1, z1 = w2, s2, z2
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -257,14 +271,14 @@ def prep_x(x2: torch.Tensor, bits: int, bkw: int, g: torch.Tensor | None = None)
 
 
 def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, out_dtype=None, bn=None,
-         num_warps=None, split_k=None, sms=132):
+         num_warps=None, split_k=None, target=8, sms=132):
     """y[M, N] for small M from K-sliced words ``qw`` (see :func:`relayout`)."""
     m, k = x2.shape
     xp, xs, nblk = prep_x(x2, bits, bkw, g)
     bn = bn or 32
     nw = num_warps or 1
     tiles = triton.cdiv(n, bn) * m
-    sk = split_k or _splits(tiles, nblk, sms, 8)
+    sk = split_k or _splits(tiles, nblk, sms, target)
     per = triton.cdiv(nblk, sk)
     sk = triton.cdiv(nblk, per)
     atomic = sk > 1
@@ -280,14 +294,14 @@ def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, 
 
 
 def mma(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, bn=None, bm=None, num_warps=None,
-        split_k=None, sms=132, upcast=False):
+        split_k=None, target=2, sms=132, upcast=False):
     m, k = x2.shape
     _, xs, nblk = prep_x(x2, bits, bkw)
     bm = bm or (16 if m <= 16 else 32 if m <= 32 else 64)
     bn = bn or 64
     nw = num_warps or 4
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    sk = split_k or _splits(tiles, nblk, sms, 2)
+    sk = split_k or _splits(tiles, nblk, sms, target)
     per = triton.cdiv(nblk, sk)
     sk = triton.cdiv(nblk, per)
     atomic = sk > 1

@@ -555,29 +555,66 @@ SLICED_GEMV_MAX_M = 4
 SLICED_MMA_MAX_M = 64
 
 
-def sliced_linear(x2, p: PreparedQWeight, bias=None, **cfg):
-    """The K-sliced path when it applies to this weight and M, else None."""
+# Candidate configurations of the K-sliced kernels, timed once per (M, shape) on first use (through
+# a CUDA graph, outside capture); the canonical kernels are candidates too, so the choice is never
+# slower than before. (rows per program, warps, split-K target in programs per SM)
+SLICED_GEMV_CONFIGS = [(32, 1, 8), (64, 2, 8), (32, 1, 16), (64, 2, 16), (16, 1, 8), (64, 4, 8)]
+SLICED_MMA_CONFIGS = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 4), (32, 1, 4), (64, 2, 4)]
+_SLICED_CFG: dict = {}
+
+
+def _sliced_candidates(x2, p, bias, sms):
     m = x2.shape[0]
-    if p.sliced is None:
+    cands = []
+    if m <= SLICED_GEMV_MAX_M:
+        for bn, nw, tg in SLICED_GEMV_CONFIGS:
+            cands.append((("gemv", bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.gemv(
+                x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                bn=bn, num_warps=nw, target=tg, sms=sms)))
+    elif m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 16 and x2.dtype != torch.float32:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        for bn, nw, tg in SLICED_MMA_CONFIGS:
+            cands.append((("mma", bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma(
+                x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
+    return cands
+
+
+def sliced_linear(x2, p: PreparedQWeight, bias=None):
+    """The K-sliced path when it applies to this weight and M (and, on CUDA, when it measured faster
+    than the canonical kernels for this shape), else None."""
+    m = x2.shape[0]
+    if p.sliced is None or m > SLICED_MMA_MAX_M:
         return None
     sms = _num_sms(x2.device)
-    if m <= SLICED_GEMV_MAX_M:
-        c = {**OVERRIDE.get("sliced_gemv", {}), **cfg}
-        return wq_sliced.gemv(x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
-                              sms=sms, **c)
-    if m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 16:
-        c = {**OVERRIDE.get("sliced_mma", {}), **cfg}
-        return wq_sliced.mma(x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
-                             sms=sms, upcast=interpreting() or x2.dtype == torch.float32, **c)
-    return None
+    cands = _sliced_candidates(x2, p, bias, sms)
+    if not cands:
+        return None
+    if x2.device.type != "cuda":  # interpreter: the first candidate
+        return cands[0][1]()
+    key = (m if m <= SLICED_GEMV_MAX_M else next_pow2(m), p.out_features, p.in_features, p.bits, p.group_size,
+           x2.dtype, x2.device)
+    cfg = OVERRIDE.get("sliced") or _SLICED_CFG.get(key)
+    if cfg is None:
+        if torch.cuda.is_current_stream_capturing():
+            return cands[0][1]()
+        best = (_time_once(lambda: linear(x2, p, bias, sliced=False), reps=5), "canonical")
+        for c, fn in cands:
+            t = _time_once(fn, reps=5)
+            if t < best[0]:
+                best = (t, c)
+        cfg = _SLICED_CFG[key] = best[1]
+    if cfg == "canonical":
+        return None
+    return dict(cands)[cfg]() if cfg in dict(cands) else cands[0][1]()
 
 
-def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None) -> torch.Tensor:
+def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None, sliced: bool = True) -> torch.Tensor:
     """y = x2 @ deq(W)^T (+ bias) for a 2-D contiguous x2 (last dim = in_features)."""
     m = x2.shape[0]
     if m == 0:
         return x2.new_empty((0, p.out_features))
-    if not OVERRIDE.get("no_sliced"):
+    if sliced and not OVERRIDE.get("no_sliced"):
         y = sliced_linear(x2, p, bias)
         if y is not None:
             return y

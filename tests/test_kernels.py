@@ -143,6 +143,43 @@ def test_qlinear_paths_agree(m):
         assert rel(out, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("bits,k,gs", [(4, 256, 128), (2, 256, 128), (8, 128, 64), (1, 512, 512), (4, 576, 576)])
+def test_sliced_relayout(bits, k, gs):
+    from qft.kernels import wq_sliced as S
+
+    u = torch.randint(0, 1 << bits, (5, k), dtype=torch.uint8)
+    bkw = S.block_words(bits, gs, k)
+    vpw = 32 // bits
+    assert bkw and k % (bkw * vpw) == 0 and gs % (bkw * vpw) == 0
+    sl = S.relayout(R.pack_int32(u, bits), bits, k, bkw)
+    v = R.unpack_int32(sl, bits, k)  # slot p of word w sits at canonical position w * vpw + p
+    nblk = k // (bkw * vpw)
+    # word blk * bkw + c, slot p  <->  value blk * KB + p * bkw + c
+    assert torch.equal(v.view(5, nblk, bkw, vpw).transpose(-1, -2), u.view(5, nblk, vpw, bkw))
+    assert S.block_words(4, 77, 77) == 0
+
+
+@pytest.mark.parametrize("m,n,k,bits,gs", [(1, 40, 256, 4, 128), (3, 33, 512, 2, 128), (2, 20, 384, 4, None),
+                                           (1, 17, 128, 8, 64), (17, 36, 256, 4, 128), (5, 24, 512, 4, None)])
+def test_sliced_kernels(m, n, k, bits, gs):
+    from qft.kernels import wq_sliced as S
+
+    gs = gs or k
+    qw, s, z = make_qweight(n, k, bits, gs, seed=m + n)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    ref = R.qlinear(x.float(), qw, s, z, bits, gs, k, b.float())
+    bkw = S.block_words(bits, gs, k)
+    sl = S.relayout(qw, bits, k, bkw)
+    sb, zb = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    outs = [S.gemv(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, bn=bn) for sk in (1, 2) for bn in (16, 32)]
+    if bits <= 4 and bkw >= 16:
+        outs += [S.mma(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 3)]
+    for out in outs:
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        assert rel(out, ref) <= 1e-2
+
+
 def test_qlinear_batched_input_and_dequant():
     qw, s, z = make_qweight(40, 128, 4, 32)
     x = torch.randn(2, 3, 128, dtype=torch.bfloat16, device=DEV)
