@@ -123,6 +123,43 @@ def eval_cached(model, windows, tlogp, desc):
     return {"ppl": math.exp(nll / count), "kl": kl / count}
 
 
+# each field method against the GPTQ row of about the same average bits
+REFERENCE = {"quip": "gptq_w3g64", "lutgemm": "gptq_w3g64", "squeezellm": "gptq_w3g64",
+             "owq": "gptq_w3g32", "spqr": "gptq_w3g32", "spqr_minmax": "gptq_w3g32", "spqr_fp16_stats": "gptq_w3g32"}
+
+
+def table(path: Path) -> str:
+    """The results in --out as a markdown table: x FP, KL, time, and "beats GPTQ" at matched bits."""
+    recs = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        recs[r["row"]] = r  # the last run of a row wins
+    fp = recs.get("fp", {}).get("results", {})
+    corpora = ("wikitext2", "tinyshakespeare")
+    out = ["| row | method (options) | bits/weight | wikitext-2 ppl (x FP) | KL | tinyshakespeare ppl (x FP) | KL "
+           "| quantize s | eval s | reload identical | beats GPTQ at ~equal bits? |", "|---" * 11 + "|"]
+    for r in sorted(recs.values(), key=lambda r: (r["row"] != "fp", round(r["bits_per_weight"], 1),
+                                                   not r["row"].startswith("rtn"), not r["row"].startswith("gptq"))):
+        cells = []
+        for c in corpora:
+            p, k = r["results"][c]["ppl"], r["results"][c]["kl"]
+            cells += [f"{p:.2f}" + (f" ({p / fp[c]['ppl']:.2f}x)" if c in fp else ""), f"{k:.3f}"]
+        ref = recs.get(REFERENCE.get(r["row"], ""))
+        verdict = ""
+        if ref is not None:
+            a = [r["results"][c]["ppl"] for c in corpora]
+            b = [ref["results"][c]["ppl"] for c in corpora]
+            yes = [x < y for x, y in zip(a, b)]
+            word = "yes" if all(yes) else ("no" if not any(yes) else "split")
+            verdict = (f"{word}: {a[0]:.2f} vs {b[0]:.2f} / {a[1]:.2f} vs {b[1]:.2f} "
+                       f"({ref['row']}, {ref['bits_per_weight']:.3f} bits)")
+        opt = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        name = f"{r['method']} {r['spec']}" + (f" ({opt})" if opt else "")
+        out.append(f"| {r['row']} | {name} | {r['bits_per_weight']:.3f} | " + " | ".join(cells)
+                   + f" | {r['quantize_s']:.0f} | {r.get('eval_s', '')} | {r['reload_identical']} | {verdict} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="fp," + ",".join(r for r in ROWS if r not in ABLATIONS), help=f"comma list of: fp,{','.join(ROWS)}")
@@ -138,7 +175,11 @@ def main():
                     help="evaluate the reloaded export with its dequantized weights in plain nn.Linear layers "
                          "(after checking the packed modules give identical logits) and the teacher's "
                          "log-probs computed once: the only way the table fits a shared 2-core CPU")
+    ap.add_argument("--table", action="store_true", help="print the table of what --out holds and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.out)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
