@@ -365,22 +365,10 @@ def section_fast(args):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.qlinear(x.float(), qw, sc, z, bits, gs, k)
             t_bf = gbench([lambda wi=wi: F.linear(x, wi) for wi in ws])
-            var = {}
-            if m <= 4:
-                var["old gemv"] = lambda p: W.gemv(x, p)
-                for bn, nw in ((16, 1), (32, 1), (64, 2), (64, 4)):
-                    for sk in (None, 1):
-                        var[f"sliced gemv bn{bn} w{nw} sk{sk}"] = (lambda p, bn=bn, nw=nw, sk=sk: S.gemv(
-                            x, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, n, bn=bn, num_warps=nw,
-                            split_k=sk, sms=sms))
-            else:
-                var["old gemm"] = lambda p: W.gemm(x, p)
-            if bits == 4:
-                for bn, nw in ((64, 4), (128, 4), (128, 8)):
-                    for sk in (None, 1):
-                        var[f"sliced mma bn{bn} w{nw} sk{sk}"] = (lambda p, bn=bn, nw=nw, sk=sk: S.mma(
-                            x, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, n, bn=bn, num_warps=nw,
-                            split_k=sk, sms=sms))
+            var = {"canonical (previous kernels)": lambda p: W.linear(x, p, sliced=False)}
+            for cfg, _ in W._sliced_candidates(x, ps[0], None, sms):
+                var["sliced " + " ".join(map(str, cfg))] = (
+                    lambda p, cfg=cfg: dict(W._sliced_candidates(x, p, None, sms))[cfg]())
             var["qlinear (dispatch)"] = lambda p: W.linear(x, p)
             rows = []
             for name, fn in var.items():
@@ -391,6 +379,7 @@ def section_fast(args):
                     say(f"| {k}x{n} W{bits} | {m} | {t_bf:.1f} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
                     continue
                 rows.append((t, name, err))
+            say(f"chosen for {k}x{n} W{bits} M={m}: {W._SLICED_CFG.get((m if m <= 4 else 16, n, k, bits, gs, torch.bfloat16, x.device))}")
             if tg is not None:
                 rows.append((gbench([lambda: tg(x)]), "tinygemm", float("nan")))
             for t, name, err in sorted(rows):

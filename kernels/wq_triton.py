@@ -558,8 +558,10 @@ SLICED_MMA_MAX_M = 64
 # Candidate configurations of the K-sliced kernels, timed once per (M, shape) on first use (through
 # a CUDA graph, outside capture); the canonical kernels are candidates too, so the choice is never
 # slower than before. (rows per program, warps, split-K target in programs per SM)
-SLICED_GEMV_CONFIGS = [(32, 1, 8), (64, 2, 8), (32, 1, 16), (64, 2, 16), (16, 1, 8), (64, 4, 8)]
-SLICED_MMA_CONFIGS = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 4), (32, 1, 4), (64, 2, 4)]
+SLICED_GEMV_CONFIGS = [(32, 1, 8), (64, 2, 8), (32, 1, 16), (64, 2, 16)]
+# ('mma8' = one joined dot per block, 4-bit; 'mma' = one dot per slot)
+SLICED_MMA_CONFIGS = [("mma8", 128, 4, 2), ("mma8", 64, 4, 2), ("mma8", 128, 8, 2), ("mma8", 64, 4, 4),
+                      ("mma", 128, 4, 2)]
 _SLICED_CFG: dict = {}
 
 
@@ -571,12 +573,17 @@ def _sliced_candidates(x2, p, bias, sms):
             cands.append((("gemv", bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.gemv(
                 x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
                 bn=bn, num_warps=nw, target=tg, sms=sms)))
-    elif m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 16 and x2.dtype != torch.float32:
+    elif m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 8 and x2.dtype != torch.float32:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        for bn, nw, tg in SLICED_MMA_CONFIGS:
-            cands.append((("mma", bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma(
-                x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
-                bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
+        for kind, bn, nw, tg in SLICED_MMA_CONFIGS:
+            if kind == "mma8" and p.bits == 4:
+                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma8(
+                    x2, p.sliced, p.scales, p.zeros, p.group_size, p.bkw, p.out_features, bias,
+                    bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
+            elif kind == "mma" and p.bkw >= 16:
+                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma(
+                    x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                    bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
     return cands
 
 

@@ -175,6 +175,8 @@ def test_sliced_kernels(m, n, k, bits, gs):
     outs = [S.gemv(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, bn=bn) for sk in (1, 2) for bn in (16, 32)]
     if bits <= 4 and bkw >= 16:
         outs += [S.mma(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 3)]
+    if bits == 4:
+        outs += [S.mma8(x, sl, sb, zb, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 2)]
     for out in outs:
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
         assert rel(out, ref) <= 1e-2
