@@ -119,11 +119,17 @@ def _load_block(w_ptrs, s_ptrs, z_ptrs, blk, nmask, KB: tl.constexpr, BKW: tl.co
 
 
 @triton.jit
-def _xprep_kernel(x_ptr, g_ptr, xp_ptr, xs_ptr, K, nblk, stride_xm,
-                  BITS: tl.constexpr, BKW: tl.constexpr, HAS_G: tl.constexpr):
-    """x [M, K] -> x' [M, K] fp32 (x * 2**(23 - pos(slot))) and per block (sum x', sum x)."""
+def _xprep_kernel(x_ptr, g_ptr, xp_ptr, xs_ptr, y_ptr, K, N, nblk, stride_xm, zchunk,
+                  BITS: tl.constexpr, BKW: tl.constexpr, HAS_G: tl.constexpr, ZERO: tl.constexpr):
+    """x [M, K] -> x' [M, K] fp32 (x * 2**(23 - pos(slot))) and per block (sum x', sum x); with ZERO
+    also zero-fills the fp32 output y [M, N] that a split-K GEMV then accumulates into (saves a launch)."""
     blk = tl.program_id(0)
     m = tl.program_id(1)
+    if ZERO:
+        for z0 in range(blk * zchunk, tl.minimum(blk * zchunk + zchunk, N), 1024):
+            zi = z0 + tl.arange(0, 1024)
+            tl.store(y_ptr + m * N + zi, tl.zeros([1024], dtype=tl.float32),
+                     mask=(zi < N) & (zi < blk * zchunk + zchunk))
     VPW: tl.constexpr = 32 // BITS
     p = tl.arange(0, VPW)
     c = tl.arange(0, BKW)
@@ -333,13 +339,16 @@ def _splits(tiles: int, nblk: int, sms: int, target: int, cap: int = 16) -> int:
     return sk
 
 
-def prep_x(x2: torch.Tensor, bits: int, bkw: int, g: torch.Tensor | None = None):
+def prep_x(x2: torch.Tensor, bits: int, bkw: int, g: torch.Tensor | None = None, y: torch.Tensor | None = None):
+    """Pre-pass: (x', per-block sums, nblk); zero-fills ``y`` (fp32 [M, N], contiguous) when given."""
     m, k = x2.shape
     nblk = k // (bkw * 32 // bits)
     xp = torch.empty((m, k), device=x2.device, dtype=torch.float32)
     xs = torch.empty((m, nblk, 2), device=x2.device, dtype=torch.float32)
-    _xprep_kernel[(nblk, m)](x2, g if g is not None else x2, xp, xs, k, nblk, x2.stride(0),
-                             BITS=bits, BKW=bkw, HAS_G=g is not None)
+    n = y.shape[1] if y is not None else 0
+    _xprep_kernel[(nblk, m)](x2, g if g is not None else x2, xp, xs, y if y is not None else xp, k, n, nblk,
+                             x2.stride(0), triton.cdiv(max(n, 1), nblk),
+                             BITS=bits, BKW=bkw, HAS_G=g is not None, ZERO=y is not None)
     return xp, xs, nblk
 
 
@@ -347,7 +356,7 @@ def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, 
          num_warps=None, split_k=None, target=8, sms=132):
     """y[M, N] for small M from K-sliced words ``qw`` (see :func:`relayout`)."""
     m, k = x2.shape
-    xp, xs, nblk = prep_x(x2, bits, bkw, g)
+    nblk = k // (bkw * 32 // bits)
     bn = bn or 32
     nw = num_warps or 1
     tiles = triton.cdiv(n, bn) * m
@@ -356,7 +365,8 @@ def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, 
     sk = triton.cdiv(nblk, per)
     atomic = sk > 1
     odt = out_dtype or x2.dtype
-    y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), odt, x2.device)
+    y = alloc((m, n), torch.float32, x2.device) if atomic else alloc((m, n), odt, x2.device)
+    xp, xs, nblk = prep_x(x2, bits, bkw, g, y if atomic else None)
     per_ch = scales.shape[1] == 1
     _gemv_kernel[(triton.cdiv(n, bn), m, sk)](
         xp, xs, qw, scales, zeros, bias if bias is not None else scales, y,
@@ -369,7 +379,7 @@ def gemv(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, g=None, 
 def mma(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, bn=None, bm=None, num_warps=None,
         split_k=None, target=2, sms=132, upcast=False):
     m, k = x2.shape
-    _, xs, nblk = prep_x(x2, bits, bkw)
+    nblk = k // (bkw * 32 // bits)
     bm = bm or (16 if m <= 16 else 32 if m <= 32 else 64)
     bn = bn or 64
     nw = num_warps or 4
@@ -378,7 +388,8 @@ def mma(x2, qw, scales, zeros, bits, group_size, bkw, n, bias=None, *, bn=None, 
     per = triton.cdiv(nblk, sk)
     sk = triton.cdiv(nblk, per)
     atomic = sk > 1
-    y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
+    y = alloc((m, n), torch.float32, x2.device) if atomic else alloc((m, n), x2.dtype, x2.device)
+    _, xs, nblk = prep_x(x2, bits, bkw, None, y if atomic else None)
     kw = dict(BITS=bits, BKW=bkw, BN=bn, BM=bm, HAS_BIAS=bias is not None, ATOMIC=atomic, UPCAST=upcast)
     if not upcast:
         kw.update(num_warps=nw, num_stages=1)
@@ -392,9 +403,7 @@ def mma8(x2, qw, scales, zeros, group_size, bkw, n, bias=None, *, bn=None, bm=No
          split_k=None, target=2, sms=132, upcast=False):
     """4-bit only: one joined dot per block (``_mma8_kernel``)."""
     m, k = x2.shape
-    _, xs, nblk = prep_x(x2, 4, bkw)
-    xq = torch.empty((m, k), device=x2.device, dtype=x2.dtype)
-    _xperm_kernel[(nblk, m)](x2, xq, k, x2.stride(0), BKW=bkw)
+    nblk = k // (bkw * 8)
     bm = bm or (16 if m <= 16 else 32 if m <= 32 else 64)
     bn = bn or 64
     nw = num_warps or 4
@@ -403,7 +412,10 @@ def mma8(x2, qw, scales, zeros, group_size, bkw, n, bias=None, *, bn=None, bm=No
     per = triton.cdiv(nblk, sk)
     sk = triton.cdiv(nblk, per)
     atomic = sk > 1
-    y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
+    y = alloc((m, n), torch.float32, x2.device) if atomic else alloc((m, n), x2.dtype, x2.device)
+    _, xs, nblk = prep_x(x2, 4, bkw, None, y if atomic else None)
+    xq = torch.empty((m, k), device=x2.device, dtype=x2.dtype)
+    _xperm_kernel[(nblk, m)](x2, xq, k, x2.stride(0), BKW=bkw)
     kw = dict(BKW=bkw, BN=bn, BM=bm, HAS_BIAS=bias is not None, ATOMIC=atomic, UPCAST=upcast)
     if not upcast:
         kw.update(num_warps=nw, num_stages=1)
