@@ -1,6 +1,6 @@
 #!/bin/bash
 # qft QAT on a Slurm cluster: one task per node, accelerate starts the processes of each node.
-#   sbatch --nodes 2 --gpus-per-node 8 launch/slurm.sh recipes/smollm2-135m/bitdistiller.yaml [--override k=v ...]
+#   sbatch --nodes 2 --gpus-per-node 8 launch/slurm.sh recipes/smollm2-135m/quickstart.yaml [--override k=v ...]
 #SBATCH --job-name=qft-train
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

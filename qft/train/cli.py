@@ -1,6 +1,6 @@
 """`qft train`: run a QAT recipe end to end (teacher -> quantize -> LoRA -> distill -> merge -> export -> eval).
 
-    qft train recipes/smollm2-135m/bitdistiller.yaml [--override lora.r=8 --override max_steps=20]
+    qft train recipes/smollm2-135m/quickstart.yaml [--override lora.r=8 --override max_steps=20]
     qft train --recipe RECIPE --text ../shared/data/wikitext-2/test.txt --output-dir runs/x
     accelerate launch --config_file launch/ddp.yaml -m qft.cli train RECIPE
 
