@@ -56,3 +56,20 @@ def test_calibration_file_too_short(tmp_path):
     p.write_text(SAMPLE_TEXT[:500])
     with pytest.raises(ValueError, match="too short"):
         calib_windows(tiny_tokenizer(), p, n=8, seq_len=128)
+
+
+def test_fp_target_follows_the_fp_model_and_lowers_the_final_error(setup):
+    """target='fp' (the paper's): each block learns the FP model's own outputs, so the quantized
+    model's last hidden state ends closer to the FP one than with the per-block target."""
+    m, calib = setup
+    with torch.no_grad():
+        ref = m(input_ids=calib, output_hidden_states=True).hidden_states[-1]
+    errs = {}
+    for target in ("quant", "fp"):
+        q = run("omniquant", copy.deepcopy(m), QuantSpec(bits=3, group_size=32), calib, steps=30, train_batch=4,
+                init="minmax", target=target)
+        with torch.no_grad():
+            errs[target] = (q(input_ids=calib, output_hidden_states=True).hidden_states[-1] - ref).pow(2).mean().item()
+    assert errs["fp"] < errs["quant"], errs
+    with pytest.raises(ValueError, match="target='teacher' is not valid"):
+        run("omniquant", copy.deepcopy(m), "w4g64", calib, target="teacher")

@@ -21,11 +21,14 @@ those the training forward used. Weight-only (W4A16 g64: LWC; LET off by default
 for weight-only LLaMA) and weight-activation (W6A6, W4A8: LWC + LET, per-token activations from
 ``QuantSpec.act_bits``) settings come from the spec.
 
+The training target is, by default, the FP block on the inputs the already-quantized blocks produce
+(``target='quant'``); ``target='fp'`` is the paper's: the FP model's own block outputs, carried along
+in a second stream of calibration activations, so each block also learns to undo the error the
+blocks before it left.
+
 Simplified: LET is scale-only (the paper also drops the channel-wise shift for LLaMA, whose
 linears have no bias), no query/key scaling inside attention, a fixed number of Adam steps per
-block on minibatches of the calibration windows (the paper: 20 epochs over 128 windows) and the
-teacher output is the FP block on the inputs the already-quantized blocks produce
-(``qft.ptq.calibrate.sequential``).
+block on minibatches of the calibration windows (the paper: 20 epochs over 128 windows).
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class OmniQuantConfig:
         "help": "clip: start LWC from the per-group clip search of qft.ptq.clip (output error on the "
                 "block's Hessian); minmax: from lwc_init everywhere (the paper)"})
     let_alpha: float = field(default=0.5, metadata={"help": "SmoothQuant alpha of the LET initialization"})
+    target: str = field(default="quant", metadata={
+        "help": "what each block learns to output: quant = the FP block on the inputs the quantized blocks "
+                "before it produce; fp = the full-precision model's own block outputs (the paper's "
+                "fp_inps: the block also learns to undo the error of the blocks before it)"})
     train_batch: int = field(default=2, metadata={"help": "calibration windows per step"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward when capturing"})
     seed: int = field(default=0, metadata={"help": "minibatch order"})
@@ -70,6 +77,8 @@ class OmniQuantConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or v < (0 if k == "steps" else 1):
                 raise ValueError(f"omniquant {k}={v!r} is not valid; allowed: an integer >= {0 if k == 'steps' else 1}")
+        if self.target not in ("quant", "fp"):
+            raise ValueError(f"omniquant target={self.target!r} is not valid; allowed: quant, fp")
         if self.init not in ("clip", "minmax"):
             raise ValueError(f"omniquant init={self.init!r} is not valid; allowed: clip, minmax")
         for k in ("lwc_lr", "let_lr"):
@@ -145,12 +154,19 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // n_heads
     rep = n_heads // n_kv
     from qft.ptq.calibrate import sequential
-    log = {}
+    log, fp_stream = {}, {"inputs": None}
 
     def process(ctx):
         clip_init = cfg.lwc and cfg.init == "clip"
         stats = ctx.collect(hessian=clip_init, absmax=let) if (let or clip_init) else {}
-        targets = ctx.forward()
+        if cfg.target == "fp":  # the FP block on the FP model's own inputs (carried along block by block)
+            quant_inputs = ctx.inputs
+            ctx.inputs = fp_stream["inputs"] or quant_inputs
+            targets = ctx.forward()
+            ctx.inputs = quant_inputs
+            fp_stream["inputs"] = targets
+        else:
+            targets = ctx.forward()
         views = {short: OmniLinear(lin, spec, cfg.lwc, cfg.lwc_init) for short, lin in ctx.linears.items()}
         let_params, folds = [], []
         if let:
