@@ -202,3 +202,39 @@ def test_full_mode_refused_under_several_processes_and_bad_eval_keys():
         Recipe.from_dict({"eval": {"train_eval": 0}})
     with pytest.raises(RecipeError, match="lora.mode='lora'"):
         Recipe.from_dict({"lora": {"mode": "lora"}})
+
+
+def test_nonfinite_loss_stops_with_saved_state_and_resumes_at_that_step(tmp_path):
+    """A NaN loss at step 3 stops the run with checkpoint-2 saved; resuming from it reproduces steps 3..4
+    of an uninterrupted run exactly (same data order, same optimizer state)."""
+    from transformers import TrainerCallback
+    teacher = tiny_llama()
+    ds, coll = _data(n=16)
+    init = _student(teacher)
+    kw = dict(max_steps=4, learning_rate=5e-3, save_strategy="steps", save_steps=100)
+
+    def run(out, poison_at=None, resume=None):
+        student = copy.deepcopy(init)
+        state = {"on": False}
+
+        class Poison(TrainerCallback):
+            def on_step_begin(self, args, st, control, **k):
+                state["on"] = poison_at is not None and st.global_step + 1 == poison_at
+
+        h = teacher.register_forward_hook(lambda m, i, o: (o.logits.mul_(float("nan")), o)[1] if state["on"] else o)
+        try:
+            tr = DistillTrainer(model=student, args=_args(out, **kw), train_dataset=ds, data_collator=coll,
+                                teacher=teacher, distill=DistillArgs(loss="forward_kl"), callbacks=[Poison()])
+            tr.train(resume_from_checkpoint=resume)
+        finally:
+            h.remove()
+        return [h["loss"] for h in tr.state.log_history if "loss" in h]
+
+    ref = run(tmp_path / "ref")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 2 .*checkpoint-2"):
+        run(tmp_path / "bad", poison_at=3)
+    ckpt = tmp_path / "bad" / "checkpoint-2"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    resumed = run(tmp_path / "bad", resume=str(ckpt))
+    assert len(ref) == len(resumed) == 4  # the resumed history starts with the checkpoint's steps 1..2
+    assert resumed[2:] == pytest.approx(ref[2:], rel=1e-5, abs=1e-7)

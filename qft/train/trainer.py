@@ -23,6 +23,7 @@ accumulation, DDP / DeepSpeed / multi-node and logging are the Trainer's own.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -126,8 +127,25 @@ class DistillTrainer(Trainer):
         if (num_items_in_batch is not None and self.args.average_tokens_across_devices
                 and self.accelerator.num_processes > 1):
             loss = loss * self.accelerator.num_processes
-        if not torch.isfinite(loss.detach()).all():
-            n_valid = int(shifted.ne(IGNORE).sum())
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step} "
-                                     f"({n_valid} valid tokens in the micro-batch); lower the learning rate")
+        self._stop_if_nonfinite(loss, shifted, model.training)
         return (loss, outputs) if return_outputs else loss
+
+    def _stop_if_nonfinite(self, loss: torch.Tensor, shifted: torch.Tensor, training: bool) -> None:
+        """Stop on a NaN/inf loss with a saved, resumable state (the weights and optimizer of the last
+        good step: the bad step's backward and update have not run). Every rank decides together, so a
+        loss that goes bad on one rank stops all of them at the same step (and the save is collective)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(bad)], device=loss.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not bad:
+            return
+        step = self.state.global_step
+        where = ""
+        if training:
+            self._save_checkpoint(self.model_wrapped, trial=None)
+            ckpt = Path(self.args.output_dir) / f"checkpoint-{step}"
+            where = f"; the state before this step is saved in {ckpt} (resume from it with a lower learning rate)"
+        n_valid = int(shifted.ne(IGNORE).sum())
+        raise FloatingPointError(f"non-finite loss {loss.detach().float().sum().item()} at step {step} ({n_valid} "
+                                 f"valid tokens in the micro-batch on this rank){where}")
