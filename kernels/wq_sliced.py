@@ -9,8 +9,10 @@ At load (once, cached by ``ops.prepared``) each row is re-packed block by block:
 ``blk * KB + p * BKW + c`` into slot ``p`` of word ``blk * BKW + c``. Decoding slot ``p`` of a
 ``[BN, BKW]`` tile of words is then one elementwise op on the tile, and it pairs with the
 *contiguous* activations ``x[blk * KB + p * BKW : ... + BKW]``. The tile is never reshaped or
-joined (no layout conversions inside the loop). The row stays contiguous, ``KB`` divides the
-group size (or K for per-channel), so every block lies in one group.
+joined (no layout conversions inside the loop). ``KB`` divides the group size (or K for
+per-channel), so every block lies in one group. Rows are stored in groups of ``RG = 16``: the
+``RG x BKW`` words of one row group and block are contiguous, and a group's blocks follow each
+other, so each program streams contiguous memory (instead of 64-byte pieces of rows 4 KB apart).
 
 Decode without a conversion instruction (``_slot_float``): the slot's bits are placed in the fp32
 mantissa and OR-ed with the exponent of 1.0, giving ``f = 1 + q 2**(P - 23)`` exactly. Slots that
@@ -56,25 +58,55 @@ def block_words(bits: int, group_size: int, in_features: int, cap: int = 16) -> 
     return 0
 
 
+RG = 16  # rows per row group: a block of RG rows is stored contiguously (RG * BKW words)
+
+
 def relayout(qweight: torch.Tensor, bits: int, in_features: int, bkw: int) -> torch.Tensor:
-    """Canonical int32 [N, Kw] -> K-sliced int32 [N, Kw] (see the module docstring)."""
+    """Canonical int32 [N, Kw] -> K-sliced, row-grouped int32 [ceil(N / RG) * RG, Kw].
+
+    Within a block, value ``blk * KB + p * BKW + c`` of row n goes to slot p of word c (see the
+    module docstring). Blocks are stored row group by row group: the RG x BKW words of rows
+    ``RG g .. RG g + RG - 1``, block blk, are contiguous at word ``(g * nblk + blk) * RG * BKW``, so a
+    program streams each of its row groups as one contiguous range of memory (rows padded with 0).
+    """
     vpw = 32 // bits
     n, kw = qweight.shape
+    nblk = kw // bkw
+    npad = -(-n // RG) * RG
     mask = (1 << bits) - 1
-    out = torch.empty_like(qweight)
-    rows = max(1, (1 << 25) // max(kw, 1))  # bound the temporaries (~32 M words at a time)
+    out = torch.zeros((npad, kw), dtype=torch.int32, device=qweight.device)
+    rows = max(RG, ((1 << 25) // max(kw, 1)) // RG * RG)  # bound the temporaries (~32 M words at a time)
     for r0 in range(0, n, rows):
         w = qweight[r0:r0 + rows]
+        r = w.shape[0]
         # values in canonical order: u[:, k] = slot k % vpw of word k // vpw
-        u = torch.stack([(w >> (j * bits)) & mask for j in range(vpw)], dim=-1).reshape(w.shape[0], -1)
-        # block-local order (p, c) -> word c, slot p
-        u = u.reshape(w.shape[0], kw // bkw, vpw, bkw)
-        acc = torch.zeros(w.shape[0], kw // bkw, bkw, dtype=torch.int64, device=w.device)
+        u = torch.stack([(w >> (j * bits)) & mask for j in range(vpw)], dim=-1).reshape(r, -1)
+        u = u.reshape(r, nblk, vpw, bkw)  # block-local order (p, c) -> word c, slot p
+        acc = torch.zeros(r, nblk, bkw, dtype=torch.int64, device=w.device)
         for p in range(vpw):
             acc |= u[:, :, p, :].to(torch.int64) << (p * bits)
-        acc = acc.reshape(w.shape[0], kw)
-        out[r0:r0 + rows] = torch.where(acc >= (1 << 31), acc - (1 << 32), acc).to(torch.int32)
+        acc = torch.where(acc >= (1 << 31), acc - (1 << 32), acc).to(torch.int32)
+        rp = -(-r // RG) * RG
+        if rp > r:
+            acc = torch.cat([acc, acc.new_zeros(rp - r, nblk, bkw)])
+        # [groups, RG, nblk, bkw] -> [groups, nblk, RG, bkw]
+        acc = acc.reshape(rp // RG, RG, nblk, bkw).permute(0, 2, 1, 3).reshape(rp, kw)
+        out[r0:r0 + rp] = acc
     return out
+
+
+def unlayout(sliced: torch.Tensor, bits: int, n: int, bkw: int) -> torch.Tensor:
+    """Inverse of :func:`relayout` (tests): K-sliced, row-grouped words -> canonical int32 [n, Kw]."""
+    vpw = 32 // bits
+    npad, kw = sliced.shape
+    nblk = kw // bkw
+    a = sliced.reshape(npad // RG, nblk, RG, bkw).permute(0, 2, 1, 3).reshape(npad, nblk, bkw)[:n]
+    u = torch.stack([(a >> (p * bits)) & ((1 << bits) - 1) for p in range(vpw)], dim=2)  # [n, nblk, p, c]
+    u = u.reshape(n, -1, vpw).to(torch.int64)  # canonical order: word k // vpw, slot k % vpw
+    acc = torch.zeros(n, u.shape[1], dtype=torch.int64, device=sliced.device)
+    for j in range(vpw):
+        acc |= u[:, :, j] << (j * bits)
+    return torch.where(acc >= (1 << 31), acc - (1 << 32), acc).to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,10 +141,17 @@ def _slot_float(wu, p: tl.constexpr, BITS: tl.constexpr, EXP):
 
 
 @triton.jit
+def _row_ptrs(qw_ptr, rn, rc, Kw, BKW: tl.constexpr):
+    """Word pointers [BN, BKW] of block 0 in the row-grouped layout (block blk: + blk * RG * BKW)."""
+    RG_: tl.constexpr = 16
+    return qw_ptr + (rn[:, None] // RG_).to(tl.int64) * (RG_ * Kw) + (rn[:, None] % RG_) * BKW + rc[None, :]
+
+
+@triton.jit
 def _load_block(w_ptrs, s_ptrs, z_ptrs, blk, nmask, KB: tl.constexpr, BKW: tl.constexpr, GS):
     """Words [BN, BKW] of block blk and the scale / zero [BN] of its group (fp32)."""
     g = (blk * KB) // GS
-    w = tl.load(w_ptrs + blk * BKW, mask=nmask[:, None], other=0)
+    w = tl.load(w_ptrs + blk * (16 * BKW), mask=nmask[:, None], other=0)
     sc = tl.load(s_ptrs + g, mask=nmask, other=0.0).to(tl.float32)
     zp = tl.load(z_ptrs + g, mask=nmask, other=0.0).to(tl.float32)
     return w, sc, zp
@@ -158,7 +197,7 @@ def _gemv_kernel(xp_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     rn = pid_n * BN + tl.arange(0, BN)
     nmask = rn < N
     rc = tl.arange(0, BKW)
-    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw + rc[None, :]
+    w_ptrs = _row_ptrs(qw_ptr, rn, rc, Kw, BKW)
     x_row = xp_ptr + pid_m * K + rc
     xs_row = xs_ptr + pid_m * nblk * 2
     b_lo = pid_k * blk_per_split
@@ -223,7 +262,7 @@ def _mma_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     mmask = rm < M
     rc = tl.arange(0, BKW)
     dt = x_ptr.dtype.element_ty
-    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw + rc[None, :]
+    w_ptrs = _row_ptrs(qw_ptr, rn, rc, Kw, BKW)
     x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + rc[:, None]  # [BKW, BM]
     b_lo = pid_k * blk_per_split
     b_hi = tl.minimum(b_lo + blk_per_split, nblk)
@@ -289,7 +328,7 @@ def _mma8_kernel(xq_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     rc = tl.arange(0, BKW)
     rj = tl.arange(0, KB)
     dt = xq_ptr.dtype.element_ty
-    w_ptrs = qw_ptr + rn[:, None].to(tl.int64) * Kw + rc[None, :]
+    w_ptrs = _row_ptrs(qw_ptr, rn, rc, Kw, BKW)
     x_ptrs = xq_ptr + rm[None, :].to(tl.int64) * K + rj[:, None]  # [KB, BM]
     s_ptrs = s_ptr + rn * G
     z_ptrs = z_ptr + rn * G

@@ -151,10 +151,14 @@ def test_sliced_relayout(bits, k, gs):
     bkw = S.block_words(bits, gs, k)
     vpw = 32 // bits
     assert bkw and k % (bkw * vpw) == 0 and gs % (bkw * vpw) == 0
-    sl = S.relayout(R.pack_int32(u, bits), bits, k, bkw)
-    v = R.unpack_int32(sl, bits, k)  # slot p of word w sits at canonical position w * vpw + p
+    qw = R.pack_int32(u, bits)
+    sl = S.relayout(qw, bits, k, bkw)
     nblk = k // (bkw * vpw)
-    # word blk * bkw + c, slot p  <->  value blk * KB + p * bkw + c
+    assert sl.shape == (16, qw.shape[1])  # rows padded to a whole row group of 16
+    assert torch.equal(S.unlayout(sl, bits, 5, bkw), qw)
+    # row group g, block blk: 16 x bkw words contiguous; word c of row r, slot p <-> value blk * KB + p * bkw + c
+    rows = sl.reshape(1, nblk, 16, bkw).permute(0, 2, 1, 3).reshape(16, -1)[:5]
+    v = R.unpack_int32(rows.contiguous(), bits, k)  # slot p of word w at canonical position w * vpw + p
     assert torch.equal(v.view(5, nblk, bkw, vpw).transpose(-1, -2), u.view(5, nblk, vpw, bkw))
     assert S.block_words(4, 77, 77) == 0
 
