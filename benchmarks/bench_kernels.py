@@ -164,6 +164,11 @@ def section_w4(args, ceiling):
             bucket = 1 << (m - 1).bit_length()
             ch = W._CHOICE.get((bucket, n, k, 4, 128, torch.bfloat16, x.device), "gemm")
             path = "gemv" if m <= W.GEMV_MAX_M else ("deq+cuBLAS" if ch == "deq" else "gemm")
+            sl = W._SLICED_CFG.get((m if m <= W.SLICED_GEMV_MAX_M else bucket, n, k, 4, 128, torch.bfloat16, x.device))
+            if sl is not None and sl != "canonical":
+                path = "sliced " + "/".join(map(str, sl))
+            elif sl == "canonical":
+                path = "canonical " + path
             t_tg = gbench([lambda f=f: f(x) for f in tgs]) if tgs else float("nan")
             t_bnb = gbench([lambda f=f: f(x) for f in bns]) if bns else float("nan")
             gbs = (wbytes + m * (k + n) * 2) / (t_q * 1e-6) / 1e9
