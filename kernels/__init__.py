@@ -9,15 +9,18 @@ API (every op has a torch reference of the same name in :mod:`qft.kernels.refere
 
 * ``qlinear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None)``:
   y = x @ dequant(W)^T (+ bias), weight-only W{1..8}A16 on the canonical packed layout
-  (group_size None / 0 / -1 / in_features = per output channel). On the Triton path a GEMV
-  kernel serves M <= 4, a tensor-core GEMM (split-K when the grid is small) larger M, and from
-  M = 128 on the faster of that GEMM and dequantize-then-cuBLAS (timed once per shape). The
-  GEMV configuration is also tuned once per shape on first use: make the first call (warm-up)
-  outside CUDA-graph capture.
+  (group_size None / 0 / -1 / in_features = per output channel). On the Triton path, M <= 64
+  first tries the K-sliced kernels (``wq_sliced``: a re-laid-out copy of the words built once at
+  load, a conversion-light CUDA-core GEMV for M <= 4 and tensor-core kernels up to M = 64), timed
+  against the canonical kernels once per (M, shape); otherwise a GEMV kernel serves M <= 4, a
+  tensor-core GEMM (split-K when the grid is small) larger M, and from M = 128 on the faster of
+  that GEMM and dequantize-then-cuBLAS (timed once per shape). Make the first call per shape
+  (warm-up) outside CUDA-graph capture, so the timing can run.
   Differentiable in x (and bias) with a fused dequant+matmul backward (qlora); the frozen
   weight gets no gradient. Call it with the canonical buffers: the kernel-ready form (scales
   and zeros in the activation dtype, 3/5/6/7-bit repacked into 4/8-bit containers) is built
-  once and cached per tensor (data_ptr, version). ``prepare(...)`` builds it explicitly and
+  once and cached per tensor (data_ptr, version); it holds the sliced copy as well, so a packed
+  weight costs twice its packed size on the GPU. ``prepare(...)`` builds it explicitly and
   ``qlinear_prepared(x, p, bias)`` uses it with no lookup at all.
 * ``dequant(qweight, scales, zeros, bits, group_size, in_features, dtype=None)``.
 * ``onebit_linear(x, packed_signs, g, h, in_features, bias=None)``: OneBit sign-value layer.

@@ -1,8 +1,12 @@
 """OneBit sign-value linear in Triton: y = ((x * g) @ sign(W)^T) * h (+ bias).
 
-Signs are packed 32 per int32 along K (``reference.pack_signs``; bit 1 = +1), used as is.
+Signs are packed 32 per int32 along K (``reference.pack_signs``; bit 1 = +1).
 
-* ``_gemv_kernel`` (small M): each sign bit becomes ``f = 1 + q/256`` with a shift and one logic
+* Small M (<= 4) where K has a block size: the K-sliced 1-bit GEMV of ``wq_sliced`` (signs
+  re-laid out once per tensor, cached; sign = 2q - 1 is the 1-bit form with z = 1/2, s = 2h, and
+  g folded into the activation pre-pass). 4.4x over cuBLAS bf16 on 8192x28672 (BENCHMARKS.md).
+
+* ``_gemv_kernel`` (small M, K without a block size): each sign bit becomes ``f = 1 + q/256`` with a shift and one logic
   op (``wq_triton._unit_floats``), one FMA per element into a per-word partial, and
   ``sum_k sign_k xg_k = 512 sum_k f_k xg_k - 513 sum_k xg_k`` per packed word.
 * ``_gemm_kernel`` (larger M): unpacks the signs to +-1 in the activation dtype (exact) and uses

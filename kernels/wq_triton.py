@@ -40,9 +40,12 @@ Kernels
 Group sizes that are not a multiple of 32 (and not per-channel) are not handled here; the
 dispatcher in ``__init__`` falls back to the torch reference for them.
 
-Measured on an H100 (BENCHMARKS.md): these kernels are instruction-bound (about 6 SASS
-instructions per weight element in the GEMV loop), so W4 M=1 reaches 1.9x over cuBLAS bf16 on
-8192x28672 rather than the ~4x the bytes would allow.
+Small M goes to the K-sliced kernels (``wq_sliced``: a copy of the words re-laid out once in
+:func:`prepare`) when the weight has a block size (``wq_sliced.block_words``): the CUDA-core GEMV
+for M <= 4, the tensor-core ``mma8`` / ``mma`` kernels up to M = 64 (4-bit). Per (M, shape) the
+sliced configurations and the kernels above are timed once on first use and the fastest is kept
+(``sliced_linear``), so the sliced path is only used where it measured faster. H100 figures are in
+BENCHMARKS.md (W4 g128 M=1 on 8192x28672: 59 us, 2.7x over cuBLAS bf16; these canonical kernels 84 us).
 """
 
 from __future__ import annotations
