@@ -21,7 +21,7 @@ API (every op has a torch reference of the same name in :mod:`qft.kernels.refere
   and zeros in the activation dtype, 3/5/6/7-bit repacked into 4/8-bit containers) is built
   once and cached per tensor (data_ptr, version); it holds the sliced copy as well, so a packed
   weight costs twice its packed size on the GPU. ``prepare(...)`` builds it explicitly and
-  ``qlinear_prepared(x, p, bias)`` uses it with no lookup at all.
+  ``qlinear_prepared(x, p, bias)`` runs on it (through the same per-tensor cache).
 * ``dequant(qweight, scales, zeros, bits, group_size, in_features, dtype=None)``.
 * ``onebit_linear(x, packed_signs, g, h, in_features, bias=None)``: OneBit sign-value layer.
 * ``int8_linear(x, w_int8, w_scales, bias=None)``: W8A8, per-token dynamic int8 activations,
