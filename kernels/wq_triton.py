@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
-from . import wq_sliced
+from . import wq_sliced, wq_sliced_mma
 from .reference import pack_int32, unpack_int32
 
 
@@ -587,11 +587,11 @@ def _sliced_candidates(x2, p, bias, sms):
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for kind, bn, nw, tg in SLICED_MMA_CONFIGS:
             if kind == "mma8" and p.bits == 4:
-                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma8(
+                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced_mma.mma8(
                     x2, p.sliced, p.scales, p.zeros, p.group_size, p.bkw, p.out_features, bias,
                     bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
             elif kind == "mma" and p.bkw >= 16:
-                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.mma(
+                cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced_mma.mma(
                     x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
                     bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
     return cands

@@ -166,7 +166,7 @@ def test_sliced_relayout(bits, k, gs):
 @pytest.mark.parametrize("m,n,k,bits,gs", [(1, 40, 256, 4, 128), (3, 33, 512, 2, 128), (2, 20, 384, 4, None),
                                            (1, 17, 128, 8, 64), (17, 36, 256, 4, 128), (5, 24, 512, 4, None)])
 def test_sliced_kernels(m, n, k, bits, gs):
-    from qft.kernels import wq_sliced as S
+    from qft.kernels import wq_sliced as S, wq_sliced_mma as SM
 
     gs = gs or k
     qw, s, z = make_qweight(n, k, bits, gs, seed=m + n)
@@ -178,9 +178,9 @@ def test_sliced_kernels(m, n, k, bits, gs):
     sb, zb = s.to(torch.bfloat16), z.to(torch.bfloat16)
     outs = [S.gemv(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, bn=bn) for sk in (1, 2) for bn in (16, 32)]
     if bits <= 4 and bkw >= 16:
-        outs += [S.mma(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 3)]
+        outs += [SM.mma(x, sl, sb, zb, bits, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 3)]
     if bits == 4:
-        outs += [S.mma8(x, sl, sb, zb, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 2)]
+        outs += [SM.mma8(x, sl, sb, zb, gs, bkw, n, b, split_k=sk, upcast=True) for sk in (1, 2)]
     for out in outs:
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
         assert rel(out, ref) <= 1e-2
