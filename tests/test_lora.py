@@ -182,3 +182,26 @@ def test_fused_lora_in_quantizer_matches_autograd(qparams):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-3), k
+
+
+@pytest.mark.parametrize("qparams", ["dynamic", "fixed", "lwc"])
+def test_lora_in_quantizer_under_autocast_uses_the_merged_integers(qparams):
+    """bf16 mixed precision (autocast) must not round the adapter delta s B A to bf16 before the
+    quantizer: the codes the forward trains on are the codes the fp32 merge exports."""
+    model = quantize_model(tiny_llama(), "w3g32")
+    x = torch.randint(0, 256, (2, 20))
+    pm = apply_lora(model, "lora-in-quantizer", r=4, qparams=qparams)
+    _train(pm, x, steps=3, lr=5e-2)
+    for _, m in pm.named_modules():  # large adapters: a bf16-rounded delta would move many codes
+        if isinstance(m, QuantizerLoraLinear):
+            m.lora_B["default"].weight.data.normal_(0, 0.05)
+            m.lora_A["default"].weight.data.normal_(0, 0.5)
+    layers = [m for m in pm.modules() if isinstance(m, QuantizerLoraLinear)]
+    xs = [torch.randn(3, m.in_features) for m in layers]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = [m(xi) for m, xi in zip(layers, xs)]
+    merged = merge_lora(pm)
+    bases = [m for _, m in quant_linears(merged)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        exported = [m(xi) for m, xi in zip(bases, xs)]
+    assert all(torch.equal(a, b) for a, b in zip(trained, exported))

@@ -157,8 +157,10 @@ def test_recipe_validation_names_key_and_value():
     assert r.distill.loss_options() == {"temperature": 1.0, "beta": 0.5}
 
 
-@pytest.mark.parametrize("mode", ["lora-in-quantizer", "full"])
-def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode):
+@pytest.mark.parametrize("mode,bf16", [("lora-in-quantizer", False), ("lora-in-quantizer", True), ("full", False)])
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode, bf16):
+    """bf16=True: mixed-precision training (CPU autocast here, as on a GPU) must still merge exactly:
+    the quantizer and the adapter delta run in fp32, and every stage is evaluated in fp32."""
     import json
 
     from qft.testing import tiny_tokenizer
@@ -174,7 +176,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode):
         "selfgen": {"n": 10, "seq_len": 16, "batch_size": 5}, "export": {"format": "qft"},
         "eval": {"heldout": 2, "heldout_len": 16, "generate": ["ab"], "train_eval": 2},
         "max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
-        "eval_strategy": "steps", "eval_steps": 2})
+        "eval_strategy": "steps", "eval_steps": 2, **({"bf16": True, "use_cpu": True} if bf16 else {})})
     rep = run_pipeline(recipe)
     assert set(rep["results"]) == {"fp", "rtn", "init", "before_merge", "after_merge"}
     # the clip-searched init differs from plain RTN, and training moved the model

@@ -262,6 +262,12 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {ov!r} is not valid; allowed: key=value (e.g. lora.r=8)")
         key, val = ov.split("=", 1)
         val = yaml.safe_load(val)
+        if isinstance(val, str):  # YAML 1.1 reads 2e-5 (no dot) as a string; a user means the number
+            try:
+                val = float(val) if any(c in val.lower() for c in ".e") and val.strip().lower() not in ("e", ".") \
+                    else val
+            except ValueError:
+                pass
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:

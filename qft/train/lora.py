@@ -136,6 +136,12 @@ def _gathered(*params):
     return deepspeed.zero.GatheredParameters(ps, modifier_rank=None)
 
 
+def _fp32(device: torch.device):
+    """Autocast off: the adapter delta s B A and the quantizer run in fp32 under bf16/fp16 mixed
+    precision too, so the integers trained are the integers the (fp32) merge exports."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 def _qdq_mask(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gs: int):
     """(Q(w) [N, K], STE mask [N, K] bool: True where the code was not clamped), integer grid."""
     n, k = w.shape
@@ -155,7 +161,7 @@ class _LoraInQuantizerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, a, b, bias, scaling, bits, gs, qfn):
-        with torch.no_grad():
+        with torch.no_grad(), _fp32(x.device):
             w = w0.float() + scaling * (b.float() @ a.float())
             s, z = qfn(w)
             wq, _ = _qdq_mask(w, s, z, bits, gs)
@@ -167,9 +173,10 @@ class _LoraInQuantizerFn(torch.autograd.Function):
     def backward(ctx, g):
         x, w0, a, b = ctx.saved_tensors
         scaling, bits, gs, qfn = ctx.cfg
-        w = w0.float() + scaling * (b.float() @ a.float())
-        s, z = qfn(w)
-        wq, mask = _qdq_mask(w, s, z, bits, gs)
+        with _fp32(x.device):
+            w = w0.float() + scaling * (b.float() @ a.float())
+            s, z = qfn(w)
+            wq, mask = _qdq_mask(w, s, z, bits, gs)
         gx = g @ wq.to(g.dtype)
         gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float() * mask  # GEMM in x's dtype
         ga = (scaling * (b.float().t() @ gw)).to(a.dtype)
@@ -221,14 +228,16 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         fused = self._fused_adapter()
         if fused is not None:  # the same arithmetic as _LoraInQuantizerFn, so the merge is bit-exact
             a, b = self.lora_A[fused].weight, self.lora_B[fused].weight
-            return self.scaling[fused] * (b.float() @ a.float())
+            with _fp32(a.device):
+                return self.scaling[fused] * (b.float() @ a.float())
         delta = None
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
             eye = torch.eye(self.in_features, dtype=a.weight.dtype, device=a.weight.device)
-            d = b(a(eye)).t().float() * self.scaling[name]  # (B A) through the modules (ZeRO-3 safe)
+            with _fp32(a.weight.device):
+                d = b(a(eye)).t().float() * self.scaling[name]  # (B A) through the modules (ZeRO-3 safe)
             delta = d if delta is None else delta + d
         return delta
 

@@ -241,6 +241,9 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     if distributed:
         peft_model = _adapter_into(pristine, recipe, adapter_dir)
     peft_model = getattr(peft_model, "module", peft_model)
+    from accelerate.utils import extract_model_from_parallel
+    # drop the mixed-precision forward wrapper accelerate put on the model: every stage evaluates in fp32
+    peft_model = extract_model_from_parallel(peft_model, keep_fp32_wrapper=False)
     peft_model.eval()
     if spec.kv_bits:
         install_kv_quant(peft_model, spec)
