@@ -145,8 +145,8 @@ def test_recipe_validation_names_key_and_value():
         Recipe.from_dict({"learning_rat": 1e-3})
     with pytest.raises(RecipeError, match="lora: unknown key 'rank'"):
         Recipe.from_dict({"lora": {"rank": 8}})
-    with pytest.raises(RecipeError, match=r"lora.mode='full'.*qlora"):
-        Recipe.from_dict({"lora": {"mode": "full"}})
+    with pytest.raises(RecipeError, match=r"lora.mode='dense'.*qlora"):
+        Recipe.from_dict({"lora": {"mode": "dense"}})
     with pytest.raises(RecipeError, match="distill.loss='kl'"):
         Recipe.from_dict({"distill": {"loss": "kl"}})
     with pytest.raises(RecipeError, match="quant"):
@@ -240,3 +240,27 @@ def test_nonfinite_loss_stops_with_saved_state_and_resumes_at_that_step(tmp_path
     resumed = run(tmp_path / "bad", resume=str(ckpt))
     assert len(ref) == len(resumed) == 4  # the resumed history starts with the checkpoint's steps 1..2
     assert resumed[2:] == pytest.approx(ref[2:], rel=1e-5, abs=1e-7)
+
+
+def test_time_budget_sets_max_steps_from_a_probe(tmp_path):
+    from qft.testing import tiny_tokenizer
+    from qft.train.args import Recipe, RecipeError
+    from qft.train.budget import steps_for_budget
+    from qft.train.pipeline import run_pipeline
+    mdir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    recipe = Recipe.from_dict({
+        "model": str(mdir), "output_dir": str(tmp_path / "run"), "quant": "w4g64", "time_budget_s": 1.5,
+        "probe_steps": 4, "lora": {"r": 2}, "distill": {"loss": "forward_kl"},
+        "selfgen": {"n": 8, "seq_len": 16, "batch_size": 8}, "export": {"enabled": False},
+        "eval": {"heldout": 2, "heldout_len": 16, "generate": [], "stages": ["init", "after_merge"]},
+        "max_steps": 10 ** 6, "per_device_train_batch_size": 2, "logging_steps": 1})
+    rep = run_pipeline(recipe)
+    sps = rep["timings"]["probe_seconds_per_step"]
+    assert 0 < sps < 60 and rep["timings"]["train_steps"] == steps_for_budget(1.5, sps) < 10 ** 6
+    assert steps_for_budget(10, 3.0) == 3 and steps_for_budget(1, 5.0) == 1
+    with pytest.raises(RecipeError, match="time_budget_s=-1"):
+        Recipe.from_dict({"time_budget_s": -1})
+    with pytest.raises(RecipeError, match="probe_steps=2"):
+        Recipe.from_dict({"probe_steps": 2})

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import TrainerCallback
 
 from qft.nn.onebit import MODES, SURROGATES, onebit_layers
 from qft.ptq.svid import DECOMPOSITIONS, merge_lora, onebit_svid
 from qft.train.args import Recipe, RecipeError, apply_overrides, unknown_key
+from qft.train.budget import StepTimer
 
 
 @dataclass
@@ -135,21 +135,6 @@ def _is_onebit_latent(model, pname: str) -> bool:
     return isinstance(mod, OneBitLinear)
 
 
-class _StepTimer(TrainerCallback):
-    """Trainer callback recording the wall time of every optimizer step."""
-
-    def __init__(self):
-        self.times = []
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._t)
-
-
 def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dataset, collator,
                            bf16: bool = False) -> float:
     """Median seconds per optimizer step over a short run on a copy of the student (warm-up skipped)."""
@@ -157,15 +142,14 @@ def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dat
     probe = copy.deepcopy(student)
     targs = recipe.training_arguments(max_steps=ob.probe_steps, logging_steps=10 ** 6, disable_tqdm=True,
                                       bf16=bf16)
-    timer = _StepTimer()
+    timer = StepTimer()
     DistillTrainer(model=probe, args=targs, train_dataset=dataset, data_collator=collator, teacher=teacher,
                    distill=recipe.distill, callbacks=[timer],
                    optimizers=(make_optimizer(probe, targs.learning_rate, ob.latent_lr), None)).train()
     del probe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    steady = sorted(timer.times[2:]) or timer.times
-    return steady[len(steady) // 2]
+    return timer.median()
 
 
 def calib_windows(dataset, n: int) -> torch.Tensor:

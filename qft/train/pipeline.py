@@ -161,10 +161,16 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     set_seed(recipe.seed)
     spec, L = recipe.quant, recipe.lora
     targs = recipe.training_arguments()
+    auto = {}
     if targs.device.type == "cuda" and not {"bf16", "fp16"} & set(recipe.train) and torch.cuda.is_bf16_supported():
-        targs = recipe.training_arguments(bf16=True)  # same recipe on CPU (fp32) and GPU (bf16 autocast)
+        auto["bf16"] = True  # same recipe on CPU (fp32) and GPU (bf16 autocast)
+        targs = recipe.training_arguments(**auto)
     main = targs.process_index == 0
     distributed = targs.world_size > 1
+    if distributed and recipe.time_budget_s:
+        from qft.train.args import RecipeError
+        raise RecipeError(f"time_budget_s={recipe.time_budget_s} runs on one process (the timing probe is not "
+                          f"distributed); under accelerate launch set max_steps instead")
     if distributed and L.mode == "full":
         from qft.train.args import RecipeError
         raise RecipeError("lora.mode='full' runs on one process (its checkpoint is the whole model, not an adapter); "
@@ -225,6 +231,17 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         install_kv_quant(peft_model, spec)
     summary = lora_summary(peft_model)
     _log(f"LoRA {L.mode} r={L.r}: {summary['trainable']:,} trainable, frozen base {summary['frozen_bytes'] / 2**20:.1f} MiB")
+    if recipe.time_budget_s:
+        from qft.train.budget import probe_seconds_per_step, steps_for_budget
+        pargs = recipe.training_arguments(max_steps=recipe.probe_steps, logging_steps=10 ** 6, disable_tqdm=True,
+                                          report_to="none", eval_strategy="no", save_strategy="no", **auto)
+        sps = probe_seconds_per_step(peft_model, lambda m, timer: DistillTrainer(
+            model=m, args=pargs, train_dataset=ds, data_collator=coll, teacher=teacher, distill=recipe.distill,
+            callbacks=[timer]), recipe.probe_steps)
+        steps = steps_for_budget(recipe.time_budget_s, sps)
+        timings["probe_seconds_per_step"] = sps
+        _log(f"time budget {recipe.time_budget_s:.0f}s: probe {sps:.3f} s/step -> max_steps={steps}")
+        targs = recipe.training_arguments(max_steps=steps, **auto)
     trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, eval_dataset=eval_ds, data_collator=coll,
                              teacher=teacher,
                              distill=recipe.distill)

@@ -1,0 +1,54 @@
+"""Training budgets in seconds: a short timing probe on a copy of the model sets ``max_steps``.
+
+``time_budget_s`` (recipe key) turns "train for 20 minutes" into a step count before training starts,
+so the learning-rate schedule (warm-up, cosine decay) is planned for the steps that will really run
+and a job never overruns a fixed slot (a cluster reservation, a device lease). The probe runs
+``probe_steps`` optimizer steps on a deep copy of the model with the run's own settings and takes
+the median step time after two warm-up steps; evaluation, export and the probe itself are not
+counted in the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Trainer callback recording the wall time of every optimizer step (GPU work included)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+
+    def median(self, skip: int = 2) -> float:
+        steady = sorted(self.times[skip:]) or sorted(self.times)
+        if not steady:
+            raise RuntimeError("the timing probe ran no optimizer step")
+        return steady[len(steady) // 2]
+
+
+def probe_seconds_per_step(model, make_trainer, probe_steps: int) -> float:
+    """Median seconds per optimizer step of ``make_trainer(copy_of_model, timer)`` run for ``probe_steps``."""
+    probe = copy.deepcopy(model)
+    timer = StepTimer()
+    make_trainer(probe, timer).train()
+    del probe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return timer.median()
+
+
+def steps_for_budget(budget_s: float, seconds_per_step: float) -> int:
+    """How many optimizer steps fit in ``budget_s`` seconds (at least 1)."""
+    return max(1, int(budget_s / max(seconds_per_step, 1e-9)))
