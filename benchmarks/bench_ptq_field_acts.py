@@ -48,6 +48,7 @@ ROWS = {
     "rtn_fp4a8": ("W4A8", "llm_fp4", FP4A8, {"search": False, "preshift": False}, True),
     "llm_fp4_w4a8": ("W4A8", "llm_fp4", FP4A8, {}, True),
     "rtn_w6a6": ("W6A6", "rtn", W6A6, {}, False),
+    "gptq_w6a6": ("W6A6", "gptq", W6A6, {}, True),
     "smoothquant_w6a6": ("W6A6", "smoothquant", W6A6, {"alpha": 0.5}, True),
     "osplus_w6a6": ("W6A6", "osplus", W6A6, {}, True),
     "rtn_w8a8": ("W8A8", "smoothquant", W8A8, {"smooth": False}, False),
