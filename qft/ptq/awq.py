@@ -13,7 +13,7 @@ division by s is folded into the previous operation so the float model is unchan
   skipped with a warning when the head dimensions do not line up.
 * down_proj <- up_proj output rows (act(gate) * up is linear in up).
 
-With ``duo=True`` (the default) the grid also holds AutoAWQ's "duo" scales
+With ``duo=True`` (off by default) the grid also holds AutoAWQ's "duo" scales
 s = mean|x|^alpha / mean|w~|^(1 - alpha), where w~ is |W| normalized by its group's max (weight
 columns that are already small relative to their group get a larger scale); both families are
 candidates and the output error picks (``duo=False``: the paper's activation-only grid).
@@ -51,8 +51,11 @@ __all__ = ["AWQConfig", "search_scale", "search_clip", "awq_block", "awq", "awq_
 @dataclass
 class AWQConfig:
     grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search"})
-    duo: bool = field(default=True, metadata={
+    duo: bool = field(default=False, metadata={
         "help": "also try AutoAWQ's duo scales mean|x|^a / mean|w/groupmax|^(1-a) (the error picks)"})
+    damp_unscaled: bool = field(default=False, metadata={
+        "help": "awq_gptq: dampen the Hessian before dividing it by s s^T (as plain GPTQ dampens) "
+                "instead of by the scaled Hessian's mean diagonal"})
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
@@ -238,7 +241,8 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
             qparams[n] = search_clip(x, lin.weight.float(), spec.bits, spec.group_for(lin.in_features),
                                      spec.symmetric, cfg.clip_grid, cfg.max_shrink)
     if then_gptq is not None:
-        gptq_block(ctx, then_gptq, stats=stats, scales=in_scale, qparams=qparams or None)
+        gptq_block(ctx, then_gptq, stats=stats, scales=in_scale, qparams=qparams or None,
+                   damp_unscaled=cfg.damp_unscaled)
         return
     for n, lin in list(ctx.linears.items()):
         W = lin.weight.float()

@@ -204,12 +204,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 
 
 def gptq_block(ctx: BlockContext, cfg: GPTQConfig, stats: dict | None = None, scales: dict | None = None,
-               qparams: dict | None = None) -> None:
+               qparams: dict | None = None, damp_unscaled: bool = False) -> None:
     """Quantize every targeted linear of one block with GPTQ (linears sharing an input share H).
 
     ``stats`` (from ``ctx.collect``) is collected here when not given. ``scales`` {short name:
     per-input-channel s} means the weights were multiplied by s after the stats were taken: the
-    Hessian becomes H / (s s^T) (AWQ then GPTQ). ``qparams`` {short name: (scale, zero)} fixes grids.
+    Hessian becomes H / (s s^T) (AWQ then GPTQ; ``damp_unscaled``: dampened before the division, as
+    plain GPTQ would be, instead of by the scaled diagonal's mean). ``qparams`` {short name: (scale, zero)} fixes grids.
     """
     spec = ctx.spec
     if stats is None:
@@ -221,6 +222,12 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, stats: dict | None = None, sc
             continue
         H = st.H
         s = (scales or {}).get(names[0])
+        damp = cfg.percdamp
+        if s is not None and damp_unscaled:  # dampen in the unscaled space (as plain GPTQ does), then
+            # change coordinates: dampening H / (s s^T) by its own mean diagonal regularizes the
+            # strongly scaled channels far more than plain GPTQ would
+            H = H + cfg.percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+            damp = 1e-9
         if s is not None:
             H = H / torch.outer(s, s).to(H)
         W = torch.cat([ctx.linears[n].weight.data.float() for n in names])
@@ -228,7 +235,7 @@ def gptq_block(ctx: BlockContext, cfg: GPTQConfig, stats: dict | None = None, sc
         qp = None
         if qparams and all(n in qparams for n in names):
             qp = (torch.cat([qparams[n][0] for n in names]), torch.cat([qparams[n][1] for n in names]))
-        res = gptq_quantize(W, H, spec.bits, gs, spec.symmetric, cfg.percdamp, cfg.block_size, cfg.act_order, qp,
+        res = gptq_quantize(W, H, spec.bits, gs, spec.symmetric, damp, cfg.block_size, cfg.act_order, qp,
                             clip_grid=cfg.clip_grid, max_shrink=cfg.max_shrink)
         row = 0
         for n in names:
