@@ -53,7 +53,7 @@ class AWQConfig:
     grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search"})
     duo: bool = field(default=False, metadata={
         "help": "also try AutoAWQ's duo scales mean|x|^a / mean|w/groupmax|^(1-a) (the error picks)"})
-    damp_unscaled: bool = field(default=False, metadata={
+    damp_unscaled: bool = field(default=True, metadata={
         "help": "awq_gptq: dampen the Hessian before dividing it by s s^T (as plain GPTQ dampens) "
                 "instead of by the scaled Hessian's mean diagonal"})
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
