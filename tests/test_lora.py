@@ -205,3 +205,19 @@ def test_lora_in_quantizer_under_autocast_uses_the_merged_integers(qparams):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         exported = [m(xi) for m, xi in zip(bases, xs)]
     assert all(torch.equal(a, b) for a, b in zip(trained, exported))
+
+
+def test_qlora_merge_qparams_pick_the_lower_error_grid_per_group():
+    from qft.nn import quant as Q
+    from qft.train.lora import merge_qparams
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 128)
+    s0, z0 = Q.minmax_qparams(w0, 3, 64, False)
+    wq = Q.fake_quant(w0, s0, z0, 3, 64)
+    delta = 0.02 * s0.repeat_interleave(64, -1) * torch.randn(8, 128)  # small: stays on the old grid
+    delta[0, :64] += 5.0  # one group pushed far past its range: needs a fresh grid
+    s, z = merge_qparams(wq + delta, s0, z0, 3, 64, False)
+    assert (s == s0).float().mean() >= 0.5 and not torch.equal(s[0, 0], s0[0, 0])  # most groups keep their grid
+    err = lambda s_, z_: ((Q.fake_quant(wq + delta, s_, z_, 3, 64) - wq - delta) ** 2).sum()  # noqa: E731
+    s1, z1 = Q.minmax_qparams(wq + delta, 3, 64, False)
+    assert err(s, z) <= min(err(s0, z0), err(s1, z1))

@@ -71,6 +71,18 @@ class _QuantLoraMixin:
                                   "reload the adapter onto the original quantized base instead")
 
 
+@torch.no_grad()
+def merge_qparams(w: torch.Tensor, s0: torch.Tensor, z0: torch.Tensor, bits: int, gs: int, symmetric: bool):
+    """Per-group qparams for re-rounding a qlora merge W = W_q + s B A: the base's own grid (s0, z0),
+    where the few codes the adapter pushed across a boundary move and nothing else, or fresh min-max
+    of W (clip 1: W_q is already clipped), where the adapter pushed weights past the grid's range;
+    whichever has the lower squared error in that group."""
+    s1, z1 = Q.minmax_qparams(w, bits, gs, symmetric)
+    err = [(Q.group_view(Q.fake_quant(w, s, z, bits, gs) - w, gs) ** 2).sum(-1) for s, z in ((s0, z0), (s1, z1))]
+    keep = err[0] <= err[1]
+    return torch.where(keep, s0, s1), torch.where(keep, z0, z1)
+
+
 class QLoraLinear(_QuantLoraMixin, PeftLoraLinear):
     """peft LoRA beside a frozen (packed) QuantLinear."""
 
@@ -97,10 +109,11 @@ class QLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         w = base.dequantize(torch.float32) + delta
         if safe_merge and not torch.isfinite(w).all():
             raise ValueError(f"{base.layer_name}: NaN/inf in the merged weight; the adapter is broken")
-        cmax, cmin = _clip_ratios(base)
         if base.scheme == "int":
-            s, z = Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
-            base.requantize(w.to(base.scales.dtype if base.state == "packed" else base.weight.dtype), scale=s, zero=z)
+            packed = base.state == "packed"
+            s0, z0 = (base.scales, base.zeros) if packed else (base.scale, base.zero)
+            s, z = merge_qparams(w, s0.float(), z0.float(), base.bits, base.group_size, base.symmetric)
+            base.requantize(w.to(base.scales.dtype if packed else base.weight.dtype), scale=s, zero=z)
         else:
             base.requantize(w)
         self.merged_adapters.extend(a for a in self.active_adapters if a in self.lora_A)
