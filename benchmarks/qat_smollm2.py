@@ -30,6 +30,7 @@ from qft.ptq import run as run_ptq
 from qft.spec import resolve_spec
 from qft.train.args import DistillArgs
 from qft.train.data import DataConfig, build_dataset
+from qft.train.full import apply_full_qat
 from qft.train.lora import apply_lora, lora_summary, merge_lora
 from qft.train.selfgen import SelfGenConfig, selfgen
 from qft.train.trainer import DistillTrainer
@@ -66,28 +67,11 @@ def measure(model, sets, teacher, tag):
     return out
 
 
-@torch.no_grad()
-def clip_weights_(m):
-    if getattr(m, "qft_clip", None) is None:
-        return
-    a, b = m.qft_clip
-    g = m.weight.data.view(m.out_features, -1, m.group_size)
-    hi = (g.amax(-1).clamp_min(0) * a).unsqueeze(-1)
-    lo = (g.amin(-1).clamp_max(0) * b).unsqueeze(-1)
-    g.copy_(torch.maximum(torch.minimum(g, hi), lo))
-
-
 def train(mode, init_student, teacher, ds, coll, a, out_dir):
     student = copy.deepcopy(init_student)
     lr = a.lr
     if mode == "full":
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for _, m in quant_linears(student):
-            clip_weights_(m)  # BitDistiller: clamp to the searched range so dynamic min-max keeps it
-            m.dynamic = True
-            m.weight.requires_grad_(True)
-        model, lr = student, a.full_lr
+        model, lr = apply_full_qat(student), a.full_lr  # clamp to the searched clip range, latent weights, STE
         summary = lora_summary(student)
     else:
         qp = "lwc" if mode == "lora-in-quantizer-lwc" else "dynamic"

@@ -264,3 +264,8 @@ def test_time_budget_sets_max_steps_from_a_probe(tmp_path):
         Recipe.from_dict({"time_budget_s": -1})
     with pytest.raises(RecipeError, match="probe_steps=2"):
         Recipe.from_dict({"probe_steps": 2})
+
+
+def test_override_reads_exponent_numbers():
+    d = apply_overrides({}, ["learning_rate=2e-5", "a.b=1E3", "c=x.e5", "d=none", "e=3"])
+    assert d == {"learning_rate": 2e-5, "a": {"b": 1000.0}, "c": "x.e5", "d": "none", "e": 3}

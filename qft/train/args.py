@@ -9,6 +9,7 @@ recipe before validation (dotted paths for blocks: ``lora.r=8``; values are pars
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -263,6 +264,9 @@ def _default_report_to() -> str:
     return "tensorboard" if importlib.util.find_spec("tensorboard") is not None else "none"
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` (dotted for blocks) overrides to a recipe dict; values parsed as YAML."""
     d = dict(d)
@@ -271,12 +275,8 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {ov!r} is not valid; allowed: key=value (e.g. lora.r=8)")
         key, val = ov.split("=", 1)
         val = yaml.safe_load(val)
-        if isinstance(val, str):  # YAML 1.1 reads 2e-5 (no dot) as a string; a user means the number
-            try:
-                val = float(val) if any(c in val.lower() for c in ".e") and val.strip().lower() not in ("e", ".") \
-                    else val
-            except ValueError:
-                pass
+        if isinstance(val, str) and _EXP_FLOAT.fullmatch(val.strip()):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            val = float(val)
         parts = key.strip().split(".")
         node = d
         for p in parts[:-1]:

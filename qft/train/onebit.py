@@ -37,7 +37,7 @@ import yaml
 from qft.nn.onebit import MODES, SURROGATES, onebit_layers
 from qft.ptq.svid import DECOMPOSITIONS, merge_lora, onebit_svid
 from qft.train.args import Recipe, RecipeError, apply_overrides, unknown_key
-from qft.train.budget import StepTimer
+from qft.train.pipeline import write_missing_selfgen
 
 
 @dataclass
@@ -138,18 +138,13 @@ def _is_onebit_latent(model, pname: str) -> bool:
 def probe_seconds_per_step(student, teacher, recipe: Recipe, ob: OneBitArgs, dataset, collator,
                            bf16: bool = False) -> float:
     """Median seconds per optimizer step over a short run on a copy of the student (warm-up skipped)."""
+    from qft.train.budget import probe_seconds_per_step as probe
     from qft.train.trainer import DistillTrainer
-    probe = copy.deepcopy(student)
     targs = recipe.training_arguments(max_steps=ob.probe_steps, logging_steps=10 ** 6, disable_tqdm=True,
                                       bf16=bf16)
-    timer = StepTimer()
-    DistillTrainer(model=probe, args=targs, train_dataset=dataset, data_collator=collator, teacher=teacher,
-                   distill=recipe.distill, callbacks=[timer],
-                   optimizers=(make_optimizer(probe, targs.learning_rate, ob.latent_lr), None)).train()
-    del probe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return timer.median()
+    return probe(student, lambda m, timer: DistillTrainer(
+        model=m, args=targs, train_dataset=dataset, data_collator=collator, teacher=teacher, distill=recipe.distill,
+        callbacks=[timer], optimizers=(make_optimizer(m, targs.learning_rate, ob.latent_lr), None)), ob.probe_steps)
 
 
 def calib_windows(dataset, n: int) -> torch.Tensor:
@@ -176,11 +171,6 @@ def _evaluate_all(model, teacher, tok, recipe: Recipe, tag: str, cache: dict) ->
     return out
 
 
-def _selfgen_missing(teacher, tok, recipe: Recipe) -> float:
-    from qft.train.pipeline import write_missing_selfgen
-    return write_missing_selfgen(recipe, teacher, tok)
-
-
 def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     """init-eval -> train -> (merge LoRA) -> eval -> export; returns the report dict."""
     from qft.models import load_model
@@ -192,7 +182,7 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(recipe.seed)
     teacher, tok = load_model(recipe.model, device=device)
-    gen_seconds = _selfgen_missing(teacher, tok, recipe)
+    gen_seconds = write_missing_selfgen(recipe, teacher, tok)
     dataset, collator = build_dataset(DataConfig.from_dict(recipe.data), tok)
     student = copy.deepcopy(teacher)
     t0 = time.time()

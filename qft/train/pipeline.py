@@ -45,17 +45,22 @@ def _log(msg: str) -> None:
     print(f"[qft train] {msg}", flush=True)
 
 
+def _selfgen_into(recipe: Recipe, teacher, tok, path) -> None:
+    """The teacher writes ``recipe.selfgen`` sequences into ``path`` (resuming a partial file of the same settings)."""
+    from qft.train.selfgen import SelfGenConfig, selfgen
+    sg = recipe.selfgen
+    _log(f"self-generating {sg.n} x {sg.seq_len} tokens -> {path}")
+    selfgen(teacher, tok, path, SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed),
+            model_id=recipe.model)
+
+
 def write_missing_selfgen(recipe: Recipe, teacher, tok) -> float:
     """Write every ``type: selfgen`` data source whose file does not exist yet with the teacher (LLM-QAT
     data, settings from the recipe's ``selfgen`` block); an existing file is used as it is (several recipes can share one)."""
-    from qft.train.selfgen import SelfGenConfig, selfgen
     t0 = time.time()
-    sg = recipe.selfgen
     for src in recipe.data.get("sources") or []:
         if isinstance(src, dict) and src.get("type") == "selfgen" and not Path(src.get("path", "")).exists():
-            _log(f"self-generating {sg.n} x {sg.seq_len} tokens -> {src['path']}")
-            selfgen(teacher, tok, src["path"], SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size,
-                                                             seed=sg.seed), model_id=recipe.model)
+            _selfgen_into(recipe, teacher, tok, src["path"])
     return round(time.time() - t0, 1)
 
 
@@ -64,13 +69,10 @@ def training_data(recipe: Recipe, teacher, tok, out: Path):
     from qft.train.data import DataConfig, build_dataset
     cfg = dict(recipe.data)
     if not cfg.get("sources"):
-        from qft.train.selfgen import SelfGenConfig, selfgen
-        sg = recipe.selfgen
         path = out / "selfgen.jsonl"
-        _log(f"self-generating {sg.n} x {sg.seq_len} tokens -> {path}")
-        selfgen(teacher, tok, path, SelfGenConfig(n=sg.n, seq_len=sg.seq_len, batch_size=sg.batch_size, seed=sg.seed),
-                model_id=recipe.model)
-        cfg = {"sources": [{"type": "selfgen", "path": str(path)}], "seq_len": sg.seq_len, "seed": recipe.seed}
+        _selfgen_into(recipe, teacher, tok, path)
+        cfg = {"sources": [{"type": "selfgen", "path": str(path)}], "seq_len": recipe.selfgen.seq_len,
+               "seed": recipe.seed}
     else:
         write_missing_selfgen(recipe, teacher, tok)
     dcfg = DataConfig.from_dict(cfg)
