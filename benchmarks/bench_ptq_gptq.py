@@ -87,7 +87,7 @@ def stage_peer(out: Path, bits: int, gs: int, n: int = 128):
     return peer_result(out, bits, gs, n, load0)
 
 
-def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict, n: int = 128):
+def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict, n: int = 128, tag: str = ""):
     import qft.ptq  # noqa: F401  (registers methods)
     from qft.models import load_model
     from qft.nn import QuantLinear
@@ -102,7 +102,7 @@ def stage_quant(out: Path, method: str, bits: int, gs: int, options: dict, n: in
     run(method, model, spec, calib=calib, **options)
     elapsed = time.perf_counter() - t0
     print(f"qft {method} w{bits}g{gs}: {elapsed:.1f} s", flush=True)
-    d = out / f"qft-{method}-w{bits}g{gs}{suffix(n)}"
+    d = out / f"qft-{method}{'-' + tag if tag else ''}-w{bits}g{gs}{suffix(n)}"
     d.mkdir(parents=True, exist_ok=True)
     # every parameter that differs from the float model may have changed (AWQ folds into norms): save all
     sd = {}
@@ -246,6 +246,7 @@ def main():
     ap.add_argument("--wait-for", type=int, default=0, help="eval: keep polling until this many results are done")
     ap.add_argument("--kl-all", action="store_true", help="eval: KL on every corpus (default: wikitext-2 only)")
     ap.add_argument("--n-calib", type=int, default=128, help="calibration windows of 512 tokens (default 128)")
+    ap.add_argument("--tag", default="", help="quant: result name qft-{method}-{tag}-w{b}g64 (keeps variants apart)")
     ap.add_argument("--concurrent", action="store_true", help="pair: start the peer and qft together")
     a = ap.parse_args()
     out = Path(a.out)
@@ -257,7 +258,7 @@ def main():
     elif a.stage == "peer":
         stage_peer(out, a.bits, a.group_size, n)
     elif a.stage == "quant":
-        stage_quant(out, a.method, a.bits, a.group_size, opts, n)
+        stage_quant(out, a.method, a.bits, a.group_size, opts, n, a.tag)
     elif a.stage == "pair":
         if a.concurrent:
             cmd = peer_cmd(out, a.bits, a.group_size, n)

@@ -133,3 +133,61 @@ def test_duo_scales_are_extra_candidates_never_worse():
     assert duo <= plain
     wm = weight_mean(W, 32)
     assert wm.shape == (128,) and 0 < wm.min() and wm.max() <= 1 and wm[40:48].max() < wm[48:].min()
+
+
+def test_gptq_in_the_scale_search_never_worse_than_gptq():
+    from qft.ptq.awq_search import hessian_error, scaled_hessian
+    from qft.ptq.gptq import gptq_quantize
+    x, W = outlier_inputs(seed=4)
+    H = 2 * x.t() @ x / len(x)
+    plain = gptq_quantize(W, H, 3, 32, False, 0.01, clip_grid=10).w_q
+
+    def quant(Ws, s):
+        Hs, damp = scaled_hessian(H, s, 0.01, damp_unscaled=True)
+        return gptq_quantize(Ws, Hs, 3, 32, False, damp, clip_grid=10).w_q
+    e_plain = hessian_error(W, plain, H)
+    e_one = hessian_error(W, quant(W, torch.ones(128)), H)  # alpha = 0: plain GPTQ up to float rounding
+    assert abs(e_one - e_plain) < 0.01 * e_plain
+    s, alpha, loss = search_scale(None, x.abs().mean(0), W, 3, 32, False, grid=10, quantize=quant,
+                                  error=lambda Wq: hessian_error(W, Wq, H))
+    assert loss <= e_one * (1 + 1e-6) and loss < e_plain
+    rtn_s, _, _ = search_scale(x, x.abs().mean(0), W, 3, 32, False, grid=10)
+    assert hessian_error(W, quant(W * rtn_s, rtn_s) / rtn_s, H) >= loss * (1 - 1e-6)
+
+
+def test_asym_clip_never_worse_than_joint_clip():
+    from qft.ptq.awq_search import asym_clip_qparams
+    x, W = outlier_inputs(seed=5)
+    W[:, :32] += 0.8 * W[:, :32].abs()  # skewed groups: max and min want different shrinks
+    spec = QuantSpec(bits=3, group_size=32)
+    H = x.t() @ x
+
+    def out_err(s, z):
+        D = W - Q.dequantize(Q.quantize(W, s, z, 3, 32), s, z, 32)
+        return ((D @ H) * D).sum().item()
+    joint = out_err(*search_clip(x, W, 3, 32, False, grid=20, max_shrink=0.5))
+    asym = out_err(*asym_clip_qparams(W, H, spec, grid=20, max_shrink=0.5, rounds=1))
+    assert asym <= joint * (1 + 1e-5) and asym < 0.99 * joint
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("awq", dict(objective="hessian", search_quant="final", clip_method="asym", grid=5)),
+    ("awq_gptq", dict(objective="hessian", search_quant="final", clip=False, grid=5))])
+def test_awq_search_options_model(calib, method, opts):
+    ref = tiny_llama(heads=4, kv_heads=2)
+    with torch.no_grad():
+        fp = ref(input_ids=calib).logits
+    errs = {}
+    for name, o in (("rtn", {}), (method, opts)):
+        m = tiny_llama(heads=4, kv_heads=2)
+        run(name, m, QuantSpec(bits=3, group_size=32), calib=calib, **o)
+        with torch.no_grad():
+            errs[name] = (m(input_ids=calib).logits - fp).pow(2).mean().item()
+    assert errs[method] < 0.5 * errs["rtn"]
+
+
+@pytest.mark.parametrize("key,value", [("objective", "mse"), ("search_quant", "gptq"), ("clip_method", "minmax"),
+                                       ("clip_rounds", -1)])
+def test_awq_search_options_rejected(calib, key, value):
+    with pytest.raises(ValueError, match=f"{key}={value!r} is not valid"):
+        run("awq", tiny_llama(), QuantSpec(), calib=calib, **{key: value})

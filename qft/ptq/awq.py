@@ -26,9 +26,18 @@ sum_t (x_g . (w_g - q_g))^2 on the sampled tokens.
 weights with the Hessian of the scaled inputs, H / (s s^T) (no second calibration pass), using the
 clip-searched grid as static group parameters when ``clip`` is on.
 
+Options beyond the paper (all measured in docs/ptq_gptq_awq.md): ``objective="hessian"`` scores a
+scale candidate by the linears' output error on all calibration tokens (tr(D H D^T)) instead of
+sampled tokens; ``search_quant="final"`` scores it after the method's own quantizer (clip search
++ RTN, or GPTQ against H / (s s^T)), so with alpha = 0 among the candidates each layer's error
+is at most the quantizer's alone; ``clip_method="asym"`` is BitDistiller's clip (separate max/min
+shrink per group on the Hessian's group blocks) instead of AWQ's joint shrink on sampled tokens.
+The searches themselves are in :mod:`qft.ptq.awq_search`.
+
 Simplified: the scale search for q/k/v measures the error of the q/k/v outputs (not of the whole
-attention, which needs full sequences); gate/up use the MLP output; every search runs on
-``n_tokens`` sampled rows (per block, from the inputs the quantized model really produces).
+attention, which needs full sequences); gate/up use the MLP output (``objective="tokens"``); every
+token-based search runs on ``n_tokens`` sampled rows (per block, from the inputs the quantized
+model really produces).
 """
 
 from __future__ import annotations
@@ -41,11 +50,13 @@ from torch import nn
 
 from qft.nn import quant as Q
 from qft.ptq.calibrate import BlockContext, make_quant_linear, sequential
-from qft.ptq.gptq import GPTQConfig, check_int_spec, gptq_block
+from qft.ptq.awq_search import asym_clip_qparams, hessian_error, qdq as _qdq, scaled_hessian, search_clip, \
+    search_scale, weight_mean
+from qft.ptq.gptq import GPTQConfig, check_int_spec, gptq_block, gptq_quantize
 from qft.registry import METHODS
 from qft.spec import resolve_spec
 
-__all__ = ["AWQConfig", "search_scale", "search_clip", "awq_block", "awq", "awq_gptq"]
+__all__ = ["AWQConfig", "search_scale", "search_clip", "weight_mean", "awq_block", "awq", "awq_gptq"]
 
 
 @dataclass
@@ -56,7 +67,17 @@ class AWQConfig:
     damp_unscaled: bool = field(default=True, metadata={
         "help": "awq_gptq: dampen the Hessian before dividing it by s s^T (as plain GPTQ dampens) "
                 "instead of by the scaled Hessian's mean diagonal"})
+    objective: str = field(default="tokens", metadata={
+        "help": "scale search error: 'tokens' (linear/MLP outputs on n_tokens sampled rows) or 'hessian' "
+                "(the linears' outputs on all calibration tokens, tr(D H D^T))"})
+    search_quant: str = field(default="rtn", metadata={
+        "help": "quantizer inside the scale search: 'rtn' (min-max, the paper) or 'final' (the method's own: "
+                "clip search + RTN, or GPTQ for awq_gptq)"})
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
+    clip_method: str = field(default="awq", metadata={
+        "help": "'awq' (one shrink ratio per group on clip_tokens sampled rows) or 'asym' (BitDistiller: "
+                "separate max/min shrink on the Hessian's group blocks, all calibration tokens)"})
+    clip_rounds: int = field(default=1, metadata={"help": "clip_method='asym': coordinate passes (max | min)"})
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
     n_tokens: int = field(default=2048, metadata={"help": "calibration tokens sampled per input for the scale search"})
@@ -65,76 +86,18 @@ class AWQConfig:
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
     def __post_init__(self):
+        for k, allowed in (("objective", ("tokens", "hessian")), ("search_quant", ("rtn", "final")),
+                           ("clip_method", ("awq", "asym"))):
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"awq: {k}={getattr(self, k)!r} is not valid; allowed: {', '.join(allowed)}")
+        if not isinstance(self.clip_rounds, int) or isinstance(self.clip_rounds, bool) or self.clip_rounds < 0:
+            raise ValueError(f"awq: clip_rounds={self.clip_rounds!r} is not valid; allowed: an integer >= 0")
         for k in ("grid", "clip_grid", "n_tokens", "clip_tokens", "batch_size"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"awq: {k}={v!r} is not valid; allowed: a positive integer")
         if not isinstance(self.max_shrink, (int, float)) or not 0 <= self.max_shrink < 1:
             raise ValueError(f"awq: max_shrink={self.max_shrink!r} is not valid; allowed: a number in [0, 1)")
-
-
-def _qdq(W, bits, gs, symmetric, scale=None, zero=None):
-    if scale is None:
-        scale, zero = Q.minmax_qparams(W, bits, gs, symmetric)
-    return Q.dequantize(Q.quantize(W, scale, zero, bits, gs), scale, zero, gs)
-
-
-def weight_mean(W: torch.Tensor, gs: int) -> torch.Tensor:
-    """Per input channel mean over rows of |W| / (its group's max |W|): [K] (AutoAWQ's w_mean)."""
-    N, K = W.shape
-    a = W.abs().reshape(N, K // gs, gs)
-    return (a / a.amax(-1, keepdim=True).clamp_min(1e-8)).reshape(N, K).mean(0)
-
-
-@torch.no_grad()
-def search_scale(x: torch.Tensor, xmean: torch.Tensor, W: torch.Tensor, bits: int, gs: int, symmetric: bool,
-                 grid: int = 20, forward=None, tie=None, duo: bool = False):
-    """Best per-input-channel scale s [K] for weight W [N, K] on tokens x [T, K].
-
-    ``forward(x, W)`` maps inputs and a (stacked) weight to the output whose error is measured
-    (default x @ W^T); ``tie(s)`` may average s over channels that must share one value; ``duo``
-    adds the candidates mean|x|^alpha / weight_mean^(1 - alpha).
-    Returns (s, alpha, loss); alpha = 0 (s = 1, plain round-to-nearest) is always a candidate
-    (alpha is reported as -alpha for a duo candidate).
-    """
-    forward = forward or (lambda a, w: a @ w.t())
-    ref = forward(x, W)
-    best = (None, None, float("inf"))
-    xm = xmean.clamp_min(1e-4)
-    wm = weight_mean(W, gs).clamp_min(1e-4) if duo else None
-    cands = [(i / grid, False) for i in range(grid)] + ([(i / grid, True) for i in range(1, grid)] if duo else [])
-    for alpha, is_duo in cands:
-        s = xm.pow(alpha) / wm.pow(1 - alpha) if is_duo else xm.pow(alpha)
-        if tie is not None:
-            s = tie(s)
-        s = s / (s.max() * s.min()).sqrt()
-        Wq = _qdq(W * s, bits, gs, symmetric) / s
-        loss = (forward(x, Wq) - ref).pow(2).mean().item()
-        if loss < best[2]:
-            best = (s, -alpha if is_duo else alpha, loss)
-    return best
-
-
-@torch.no_grad()
-def search_clip(x: torch.Tensor, W: torch.Tensor, bits: int, gs: int, symmetric: bool, grid: int = 20,
-                max_shrink: float = 0.5, row_chunk: int = 256):
-    """Per (row, group) clip ratio minimizing sum_t (x_g . (w_g - q_g))^2. Returns (scale, zero) [N, G]."""
-    N, K = W.shape
-    G = K // gs
-    xg = x.float().reshape(-1, G, gs)
-    ratios = [1 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
-    best_err = torch.full((N, G), float("inf"), device=W.device)
-    best_r = torch.ones(N, G, device=W.device)
-    for r in ratios:
-        s, z = Q.minmax_qparams(W, bits, gs, symmetric, clip_max=r)
-        D = (W - Q.dequantize(Q.quantize(W, s, z, bits, gs), s, z, gs)).reshape(N, G, gs)
-        err = torch.empty(N, G, device=W.device)
-        for a in range(0, N, row_chunk):
-            err[a:a + row_chunk] = torch.einsum("tgk,ngk->tng", xg, D[a:a + row_chunk]).pow(2).sum(0)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    return Q.minmax_qparams(W, bits, gs, symmetric, clip_max=best_r)
 
 
 def _get(block, short):
@@ -203,11 +166,39 @@ def _mlp_forward(block):
     return fwd
 
 
+def _clip_qparams(cfg: AWQConfig, spec, W, st, s=None):
+    """Clip-searched (scale, zero) for W (already multiplied by s, the inputs divided by s)."""
+    gs = spec.group_for(W.shape[1])
+    if cfg.clip_method == "asym":
+        if cfg.max_shrink == 0:
+            return Q.minmax_qparams(W, spec.bits, gs, spec.symmetric)
+        H = st.hessian if s is None else st.hessian / torch.outer(s, s).to(st.hessian)
+        return asym_clip_qparams(W, H, spec, cfg.clip_grid, cfg.max_shrink, cfg.clip_rounds)
+    x = st.tokens[:cfg.clip_tokens]
+    return search_clip(x if s is None else x / s, W, spec.bits, gs, spec.symmetric, cfg.clip_grid, cfg.max_shrink)
+
+
+def _final_quantizer(cfg: AWQConfig, gcfg: GPTQConfig | None, spec, st):
+    """quantize(Ws, s): the method's own quantizer on a scaled (stacked) weight, for the scale search."""
+    def quantize(Ws, s):
+        gs = spec.group_for(Ws.shape[1])
+        qp = _clip_qparams(cfg, spec, Ws, st, s) if cfg.clip else None
+        if gcfg is None:
+            return _qdq(Ws, spec.bits, gs, spec.symmetric, *(qp or (None, None)))
+        H, damp = scaled_hessian(st.H, s, gcfg.percdamp, cfg.damp_unscaled)
+        return gptq_quantize(Ws, H, spec.bits, gs, spec.symmetric, damp, gcfg.block_size, gcfg.act_order, qp,
+                             clip_grid=gcfg.clip_grid, max_shrink=gcfg.max_shrink).w_q
+    return quantize
+
+
 @torch.no_grad()
 def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = None) -> None:
     """Scale search + fold, clip search, quantize (RTN, or GPTQ when ``then_gptq``) for one block."""
     spec, block = ctx.spec, ctx.block
-    stats = ctx.collect(hessian=then_gptq is not None, absmean=True, store_tokens=cfg.n_tokens)
+    need_h = (then_gptq is not None or cfg.objective == "hessian"
+              or (cfg.clip and cfg.clip_method == "asym"))
+    need_tokens = cfg.objective == "tokens" or (cfg.clip and cfg.clip_method == "awq")
+    stats = ctx.collect(hessian=need_h, absmean=True, store_tokens=cfg.n_tokens if need_tokens else 0)
     in_scale = {}  # short name -> s its input was divided by
     for prev, lins, kind in _scale_groups(block):
         st = stats.get(lins[0])
@@ -226,20 +217,17 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
         W = torch.cat([_get(block, n).weight.float() for n in lins])
         gs = spec.group_for(W.shape[1])
         fwd = _mlp_forward(block) if lins == ["mlp.gate_proj", "mlp.up_proj"] else None
+        err = (lambda Wq, W=W, H=st.H: hessian_error(W, Wq, H)) if cfg.objective == "hessian" else None
+        quant = _final_quantizer(cfg, then_gptq, spec, st) if cfg.search_quant == "final" else None
         s, _alpha, _loss = search_scale(st.tokens, st.mean_abs, W, spec.bits, gs, spec.symmetric, cfg.grid, fwd, tie,
-                                        duo=cfg.duo)
+                                        duo=cfg.duo, quantize=quant, error=err)
         _fold(block, prev, kind, s, lins, layout)
         for n in lins:
             in_scale[n] = s
     qparams = {}
     if cfg.clip:
         for n, lin in ctx.linears.items():
-            st = stats[n]
-            x = st.tokens[:cfg.clip_tokens]
-            if n in in_scale:
-                x = x / in_scale[n]
-            qparams[n] = search_clip(x, lin.weight.float(), spec.bits, spec.group_for(lin.in_features),
-                                     spec.symmetric, cfg.clip_grid, cfg.max_shrink)
+            qparams[n] = _clip_qparams(cfg, spec, lin.weight.float(), stats[n], in_scale.get(n))
     if then_gptq is not None:
         gptq_block(ctx, then_gptq, stats=stats, scales=in_scale, qparams=qparams or None,
                    damp_unscaled=cfg.damp_unscaled)
