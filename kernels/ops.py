@@ -55,7 +55,8 @@ def prepared(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_si
     if hit is not None and all(r() is t for r, t in zip(hit[0], (qweight, scales, zeros))):
         p = hit[1]
         return p if p.qweight is not None else wq_triton.PreparedQWeight(qweight, *_fields(p)[1:])
-    p = wq_triton.prepare(qweight, scales, zeros, bits, group_size, in_features, dtype)
+    # the K-sliced copy is built lazily (wq_triton.sliced_copy), only if a small-M call needs it
+    p = wq_triton.prepare(qweight, scales, zeros, bits, group_size, in_features, dtype, sliced=False)
     # never keep a strong reference to the canonical tensors (the entry dies with any of them,
     # so a temporary such as ``scales.to(x.dtype)`` never leaves a stale entry behind)
     stored = p if p.qweight is not qweight else wq_triton.PreparedQWeight(None, *_fields(p)[1:])
@@ -71,7 +72,10 @@ def _fields(p):
 
 
 def clear_cache() -> None:
+    from . import wq_triton
+
     _PREPARED.clear()
+    wq_triton._SLICED_COPIES.clear()
 
 
 def _check_device(t: Tensor) -> None:

@@ -50,6 +50,7 @@ BENCHMARKS.md (W4 g128 M=1 on 8192x28672: 59 us, 2.7x over cuBLAS bf16; these ca
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
-from . import wq_sliced, wq_sliced_mma
+from . import wq_gemm_tc, wq_sliced, wq_sliced_mma
 from .reference import pack_int32, unpack_int32
 
 
@@ -97,7 +98,10 @@ def supported(group_size: int, in_features: int) -> bool:
 
 
 def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-            group_size: int, in_features: int, dtype: torch.dtype) -> PreparedQWeight:
+            group_size: int, in_features: int, dtype: torch.dtype, sliced: bool = True) -> PreparedQWeight:
+    """Kernel-ready struct. ``sliced=False`` defers the K-sliced copy (``sliced_copy``) to the first
+    call that needs it (M <= 64): a layer that only ever runs large M (qlora training at 2K tokens)
+    then never holds a second copy of its words."""
     n = qweight.shape[0]
     cb = container_bits(bits)
     if cb != bits:  # re-pack straddling values into 4/8-bit containers (once, at load)
@@ -105,9 +109,28 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
     else:
         qw = qweight.contiguous()
     bkw = wq_sliced.block_words(cb, group_size, in_features)
-    sl = wq_sliced.relayout(qw, cb, in_features, bkw) if bkw else None
+    sl = wq_sliced.relayout(qw, cb, in_features, bkw) if bkw and sliced else None
     return PreparedQWeight(qw, scales.to(dtype).contiguous(), zeros.to(dtype).contiguous(), cb, bits,
                            group_size, in_features, n, sl, bkw)
+
+
+_SLICED_COPIES: dict = {}
+
+
+def sliced_copy(p: PreparedQWeight):
+    """The K-sliced words of ``p`` (None when the weight has no block size), built on first use and
+    cached per words tensor (identity, data pointer, version); the entry dies with the tensor."""
+    if p.sliced is not None or not p.bkw:
+        return p.sliced
+    qw = p.qweight
+    key = (id(qw), qw.data_ptr(), getattr(qw, "_version", 0), p.bits, p.bkw)
+    hit = _SLICED_COPIES.get(key)
+    if hit is not None and hit[0]() is qw:
+        return hit[1]
+    sl = wq_sliced.relayout(qw, p.bits, p.in_features, p.bkw)
+    _SLICED_COPIES[key] = (weakref.ref(qw), sl)
+    weakref.finalize(qw, _SLICED_COPIES.pop, key, None)
+    return sl
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +479,10 @@ def gemm(x2: torch.Tensor, p: PreparedQWeight, bias=None, *, bm=None, bn=None, b
 def dequant(p: PreparedQWeight, dtype=None) -> torch.Tensor:
     n, k = p.out_features, p.in_features
     dtype = dtype or p.scales.dtype
+    cfg = OVERRIDE.get("dequant16")
+    if cfg and wq_gemm_tc.applies(p.bits, dtype):  # 16-bit decode kernel (bit-identical), cfg = (bn, bk, warps)
+        return wq_gemm_tc.dequant(p.qweight, p.scales, p.zeros, p.bits, p.group_size, k, dtype,
+                                  bn=cfg[0], bk=cfg[1], num_warps=cfg[2])
     out = alloc((n, k), dtype, p.qweight.device)
     bk = min(128, _step_k(p, 128))
     bn = 32
@@ -465,7 +492,38 @@ def dequant(p: PreparedQWeight, dtype=None) -> torch.Tensor:
     return out
 
 
+_BWD_CHOICE: dict = {}
+
+
 def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
+    """dx = gy @ deq(W) ([M, N] @ [N, K] -> [M, K]), the qlora backward. Two paths: the fused kernel
+    (``grad_input_fused``, weight dequantized tile by tile in the loop) and dequantize-then-cuBLAS
+    (one bandwidth-bound pass writes the dense weight, a transient freed right after; nothing is
+    saved from the forward). Chosen per (M bucket, shape) by timing both once on first use; under
+    CUDA-graph capture or off CUDA: fused below M = 256, else dequantize-then-cuBLAS.
+    ``OVERRIDE['grad_input']`` ('fused' or 'deq') forces one."""
+    m = gy2.shape[0]
+    forced = OVERRIDE.get("grad_input")
+    if forced is None:
+        bucket = 1 << max(0, (m - 1).bit_length())
+        key = (bucket, p.out_features, p.in_features, p.bits, p.group_size, gy2.dtype, gy2.device)
+        forced = _BWD_CHOICE.get(key)
+        if forced is None:
+            if gy2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                forced = "fused" if m < 256 else "deq"
+            else:
+                t_f = _time_once(lambda: grad_input_fused(gy2, p))
+                t_d = _time_once(lambda: grad_input_deq(gy2, p))
+                forced = _BWD_CHOICE[key] = "fused" if t_f <= t_d else "deq"
+    return grad_input_deq(gy2, p) if forced == "deq" else grad_input_fused(gy2, p)
+
+
+def grad_input_deq(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
+    """dx = gy @ dequant(W) through cuBLAS (the dense weight is a transient)."""
+    return torch.mm(gy2, dequant(p, gy2.dtype))
+
+
+def grad_input_fused(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
     """dx = gy @ deq(W): [M, N] @ [N, K] -> [M, K], weight dequantized on the fly."""
     m, n = gy2.shape
     k = p.in_features
@@ -484,7 +542,7 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
 
 # M thresholds for the dispatcher
 GEMV_MAX_M = 4
-LARGE_M = 128  # from here on, the fused GEMM and dequantize-then-cuBLAS are timed once per shape
+LARGE_M = 65  # from here on, the fused GEMMs and dequantize-then-cuBLAS are timed once per shape
 _CHOICE: dict = {}
 
 
@@ -519,21 +577,35 @@ def _time_once(fn, reps=3, trials=3) -> float:
     return best
 
 
-def _large_m_path(x2, p, bias) -> str:
-    """'gemm' or 'deq': measured on first use per (M bucket, shape), never slower than dequantize
-    then cuBLAS by more than timing noise. Under CUDA-graph capture (no timing possible) the
-    heuristic is used: fused up to M=512."""
+def _large_m_candidates(x2, p, bias):
+    """(key, fn) for every large-M path: the canonical fused GEMM, dequantize-then-cuBLAS and the
+    tensor-core in-loop-dequant configurations."""
+    cands = [("gemm", lambda: gemm(x2, p, bias)),
+             ("deq", lambda: torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias))]
+    return cands + _tc_candidates(x2, p, bias, _num_sms(x2.device))
+
+
+def _large_m_path(x2, p, bias):
+    """The path for M > 64: measured on first use per (M bucket, shape) (CUDA graph, min of 3
+    replays), so never slower than dequantize-then-cuBLAS by more than timing noise. Under CUDA-graph
+    capture (no timing possible) the heuristic is used: fused up to M=512. Returns the key."""
     m = x2.shape[0]
     bucket = 1 << (m - 1).bit_length()
     key = (bucket, p.out_features, p.in_features, p.bits, p.group_size, x2.dtype, x2.device)
+    forced = OVERRIDE.get("large_m")
+    if forced is not None:
+        return forced
     if key in _CHOICE:
         return _CHOICE[key]
     if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "gemm" if m <= 512 else "deq"
-    t_g = _time_once(lambda: gemm(x2, p, bias))
-    t_d = _time_once(lambda: torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias))
-    _CHOICE[key] = "gemm" if t_g <= t_d else "deq"
-    return _CHOICE[key]
+    best = None
+    for name, fn in _large_m_candidates(x2, p, bias):
+        t = _time_once(fn)
+        if best is None or t < best[0]:
+            best = (t, name)
+    _CHOICE[key] = best[1]
+    return best[1]
 
 
 # GEMV candidates (K step, rows per program, warps), timed once per shape on first use
@@ -563,6 +635,7 @@ def _gemv_tuned(x2, p, bias):
 # kernel up to SLICED_MMA_MAX_M (4-bit and lower, 16-word blocks)
 SLICED_GEMV_MAX_M = 4
 SLICED_MMA_MAX_M = 64
+TC_MIN_M = 32  # from here on the in-loop-dequant tensor-core GEMM (wq_gemm_tc) is a candidate too
 
 
 # Candidate configurations of the K-sliced kernels, timed once per (M, shape) on first use (through
@@ -578,30 +651,43 @@ _SLICED_CFG: dict = {}
 def _sliced_candidates(x2, p, bias, sms):
     m = x2.shape[0]
     cands = []
-    if m <= SLICED_GEMV_MAX_M:
+    if m <= SLICED_GEMV_MAX_M and p.bkw:
+        sl = sliced_copy(p)
         for bn, nw, tg in SLICED_GEMV_CONFIGS:
             cands.append((("gemv", bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced.gemv(
-                x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                x2, sl, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
                 bn=bn, num_warps=nw, target=tg, sms=sms)))
     elif m <= SLICED_MMA_MAX_M and p.bits <= 4 and p.bkw >= 8 and x2.dtype != torch.float32:
+        sl = sliced_copy(p)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for kind, bn, nw, tg in SLICED_MMA_CONFIGS:
             if kind == "mma8" and p.bits == 4:
                 cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced_mma.mma8(
-                    x2, p.sliced, p.scales, p.zeros, p.group_size, p.bkw, p.out_features, bias,
+                    x2, sl, p.scales, p.zeros, p.group_size, p.bkw, p.out_features, bias,
                     bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
             elif kind == "mma" and p.bkw >= 16:
                 cands.append(((kind, bn, nw, tg), lambda bn=bn, nw=nw, tg=tg: wq_sliced_mma.mma(
-                    x2, p.sliced, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
+                    x2, sl, p.scales, p.zeros, p.bits, p.group_size, p.bkw, p.out_features, bias,
                     bn=bn, bm=bm, num_warps=nw, target=tg, sms=sms, upcast=interpreting())))
+    if TC_MIN_M <= m <= SLICED_MMA_MAX_M:
+        cands += _tc_candidates(x2, p, bias, sms)
     return cands
+
+
+def _tc_candidates(x2, p, bias, sms):
+    """In-loop-dequant tensor-core GEMM (``wq_gemm_tc``) configurations for this M, keyed ('tc', ...)."""
+    if not wq_gemm_tc.applies(p.bits, x2.dtype) or x2.shape[0] < TC_MIN_M:
+        return []
+    return [(("tc",) + cfg, lambda cfg=cfg: wq_gemm_tc.linear(
+        x2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.out_features, bias, bm=cfg[0], bn=cfg[1],
+        bk=cfg[2], num_warps=cfg[3], num_stages=cfg[4], sms=sms)) for cfg in wq_gemm_tc.configs_for(x2.shape[0])]
 
 
 def sliced_linear(x2, p: PreparedQWeight, bias=None):
     """The K-sliced path when it applies to this weight and M (and, on CUDA, when it measured faster
     than the canonical kernels for this shape), else None."""
     m = x2.shape[0]
-    if p.sliced is None or m > SLICED_MMA_MAX_M:
+    if m > SLICED_MMA_MAX_M or not (p.bkw or m >= TC_MIN_M):
         return None
     sms = _num_sms(x2.device)
     cands = _sliced_candidates(x2, p, bias, sms)
@@ -637,6 +723,10 @@ def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None, sliced: bool = True)
             return y
     if m <= GEMV_MAX_M:
         return _gemv_tuned(x2, p, bias)
-    if m >= LARGE_M and _large_m_path(x2, p, bias) == "deq":
-        return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
+    if m >= LARGE_M:
+        path = _large_m_path(x2, p, bias)
+        if path != "gemm":
+            fns = dict(_large_m_candidates(x2, p, bias))
+            if path in fns:
+                return fns[path]()
     return gemm(x2, p, bias)
