@@ -25,7 +25,7 @@ def setup():
                                       (QuantSpec(bits=4, group_size=32, act_bits=6), True)])
 def test_training_lowers_error_and_freezing_is_exact(setup, spec, let):
     m, calib = setup
-    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=15, train_batch=4, init="minmax", check=True)
+    q = run("omniquant", copy.deepcopy(m), spec, calib, steps=40, train_batch=4, init="minmax", check=True)
     for before, trained, frozen in q.qft_omniquant_log.values():
         assert trained < before
         assert abs(frozen - trained) <= 1e-3 * trained + 1e-9  # folded norms / rows + integers = the view
@@ -73,3 +73,20 @@ def test_fp_target_follows_the_fp_model_and_lowers_the_final_error(setup):
     assert errs["fp"] < errs["quant"], errs
     with pytest.raises(ValueError, match="target='teacher' is not valid"):
         run("omniquant", copy.deepcopy(m), "w4g64", calib, target="teacher")
+
+
+def test_epochs_time_cap_and_minibatch_epochs(setup):
+    from qft.ptq.zeroquant import minibatches
+    m, calib = setup
+    q = run("omniquant", copy.deepcopy(m), QuantSpec(bits=3, group_size=32), calib, epochs=2, train_batch=3)
+    assert q.qft_omniquant_steps == [6, 6]  # ceil(2 * 8 / 3) per block
+    q = run("omniquant", copy.deepcopy(m), QuantSpec(bits=3, group_size=32), calib, epochs=1000, max_seconds=0.2)
+    assert 0 < sum(q.qft_omniquant_steps) < 2 * 4000  # stopped by the time cap, not by the epochs
+    gen = torch.Generator().manual_seed(0)
+    it = minibatches([5, 3], 2, gen)
+    seen = [next(it) for _ in range(5)]  # one epoch: chunks 2+2+1 of batch 0, 2+1 of batch 1
+    for b, n in ((0, 5), (1, 3)):
+        rows = torch.cat([idx for bb, idx in seen if bb == b])
+        assert sorted(rows.tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="max_seconds=-1"):
+        run("omniquant", copy.deepcopy(m), "w4g64", calib, max_seconds=-1)

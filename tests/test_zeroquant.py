@@ -44,3 +44,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no decoder layers"):
         run("zeroquant", torch.nn.Sequential(torch.nn.Linear(64, 64)), SPEC, torch.zeros(2, 8, dtype=torch.long),
             lkd=True)
+
+
+def test_lkd_epochs_and_time_cap():
+    m = tiny_llama(hidden=64, heads=4, kv_heads=2, seed=2)
+    calib = torch.randint(0, 256, (8, 64))
+    q = run("zeroquant", copy.deepcopy(m), SPEC, calib, lkd=True, epochs=1.5, train_batch=4)
+    assert q.qft_zeroquant_steps == [3, 3]  # ceil(1.5 * 8 / 4) per block
+    q = run("zeroquant", copy.deepcopy(m), SPEC, calib, lkd=True, epochs=10000, max_seconds=0.2)
+    assert 0 < sum(q.qft_zeroquant_steps) < 2 * 20000
+    with pytest.raises(ValueError, match="epochs=-2"):
+        run("zeroquant", m, SPEC, calib, lkd=True, epochs=-2)

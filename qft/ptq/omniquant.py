@@ -33,6 +33,8 @@ block on minibatches of the calibration windows (the paper: 20 epochs over 128 w
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +56,13 @@ class OmniQuantConfig:
     lwc: bool = field(default=True, metadata={"help": "learnable weight clipping"})
     let: bool | None = field(default=None, metadata={
         "help": "learnable equivalent transformation; None = on when the spec quantizes activations"})
-    steps: int = field(default=60, metadata={"help": "Adam steps per block"})
+    steps: int = field(default=60, metadata={"help": "Adam steps per block (unless epochs is set)"})
+    epochs: float = field(default=0.0, metadata={
+        "help": "passes over the calibration windows per block (the paper: 20); > 0 overrides steps with "
+                "ceil(epochs * n_windows / train_batch)"})
+    max_seconds: float = field(default=0.0, metadata={
+        "help": "wall-clock cap on the training of all blocks together (0 = none): each block gets the time "
+                "left divided by the blocks left, and stops early when it is spent"})
     lwc_lr: float = field(default=1e-2, metadata={"help": "learning rate of the clipping logits"})
     let_lr: float = field(default=5e-3, metadata={"help": "learning rate of the LET scales"})
     lwc_init: float = field(default=4.0, metadata={"help": "initial clipping logit (sigmoid(4) = 0.982)"})
@@ -77,6 +85,10 @@ class OmniQuantConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or v < (0 if k == "steps" else 1):
                 raise ValueError(f"omniquant {k}={v!r} is not valid; allowed: an integer >= {0 if k == 'steps' else 1}")
+        for k in ("epochs", "max_seconds"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"omniquant {k}={v!r} is not valid; allowed: a number >= 0")
         if self.target not in ("quant", "fp"):
             raise ValueError(f"omniquant target={self.target!r} is not valid; allowed: quant, fp")
         if self.init not in ("clip", "minmax"):
@@ -153,8 +165,10 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
     n_heads, n_kv = mc.num_attention_heads, getattr(mc, "num_key_value_heads", mc.num_attention_heads)
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // n_heads
     rep = n_heads // n_kv
-    from qft.ptq.calibrate import sequential
+    from qft.ptq.calibrate import find_layers, sequential
     log, fp_stream = {}, {"inputs": None}
+    clock = {"spent": 0.0, "steps": []}  # training seconds so far, steps run per block
+    n_blocks = len(find_layers(model)[1])
 
     def process(ctx):
         clip_init = cfg.lwc and cfg.init == "clip"
@@ -205,10 +219,17 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
             groups.append({"params": let_params, "lr": cfg.let_lr})
         before = _mse(ctx, targets)
         trained = before
-        if groups and cfg.steps:
+        steps = block_steps(cfg.steps, cfg.epochs, len(calib), cfg.train_batch)
+        if groups and steps:
             init = [p.detach().clone() for g in groups for p in g["params"]]
-            train_block(ctx.block, groups, ctx.inputs, ctx.kwargs, targets, cfg.steps, 0.0, cfg.train_batch,
-                        cfg.seed + ctx.index, desc=f"omniquant {ctx.name}")
+            t0 = time.monotonic()
+            deadline = None
+            if cfg.max_seconds:
+                deadline = t0 + max(cfg.max_seconds - clock["spent"], 0.0) / (n_blocks - ctx.index)
+            losses = train_block(ctx.block, groups, ctx.inputs, ctx.kwargs, targets, steps, 0.0, cfg.train_batch,
+                                 cfg.seed + ctx.index, desc=f"omniquant {ctx.name}", deadline=deadline)
+            clock["spent"] += time.monotonic() - t0
+            clock["steps"].append(len(losses))
             trained = _mse(ctx, targets)
             if trained > before:  # a short noisy run made it worse on the whole calibration set: keep the init
                 with torch.no_grad():
@@ -220,7 +241,13 @@ def omniquant(model: nn.Module, spec: "QuantSpec | str" = "w4g64", calib: torch.
 
     sequential(model, calib, spec, process, batch_size=cfg.batch_size, desc="omniquant")
     model.qft_omniquant_log = log  # {block: (mse at init, mse trained, mse of the frozen QuantLinears)}
+    model.qft_omniquant_steps = clock["steps"]  # Adam steps each block ran (fewer than asked: max_seconds)
     return model
+
+
+def block_steps(steps: int, epochs: float, n_windows: int, train_batch: int) -> int:
+    """Adam steps per block: ``steps``, or ``ceil(epochs * n_windows / train_batch)`` when epochs > 0."""
+    return math.ceil(epochs * n_windows / train_batch) if epochs else steps
 
 
 @torch.no_grad()
