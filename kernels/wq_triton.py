@@ -724,9 +724,16 @@ def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None, sliced: bool = True)
     if m <= GEMV_MAX_M:
         return _gemv_tuned(x2, p, bias)
     if m >= LARGE_M:
-        path = _large_m_path(x2, p, bias)
-        if path != "gemm":
-            fns = dict(_large_m_candidates(x2, p, bias))
-            if path in fns:
-                return fns[path]()
+        return run_path(_large_m_path(x2, p, bias), x2, p, bias)
+    return gemm(x2, p, bias)
+
+
+def run_path(path, x2, p: PreparedQWeight, bias=None):
+    """Run one large-M path by key: 'gemm', 'deq' or ('tc', BM, BN, BK, warps, stages)."""
+    if path == "deq":
+        return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
+    if isinstance(path, tuple) and path[0] == "tc" and wq_gemm_tc.applies(p.bits, x2.dtype):
+        bm, bn, bk, nw, ns = path[1:]
+        return wq_gemm_tc.linear(x2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.out_features, bias,
+                                 bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns, sms=_num_sms(x2.device))
     return gemm(x2, p, bias)

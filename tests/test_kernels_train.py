@@ -1,0 +1,146 @@
+"""qlora training path and the in-loop-dequant tensor-core GEMM (``wq_gemm_tc``), on CPU under
+TRITON_INTERPRET=1 (tests/conftest.py) at small sizes against ``kernels/reference.py``; on a GPU
+machine the same tests run compiled. Outputs are poisoned (NaN) before every kernel run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import qft.kernels as K
+from qft.kernels import _util, reference as R
+
+DEV = "cpu" if _util.interpreting() or not torch.cuda.is_available() else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    pytest.importorskip("triton")
+    if DEV == "cpu" and not _util.interpreting():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it)")
+    from qft.kernels import ops, wq_triton as W
+    old = os.environ.get("QFT_KERNELS")
+    os.environ["QFT_KERNELS"] = "triton"
+    _util.POISON = True
+    saved = dict(W.OVERRIDE)
+    yield
+    W.OVERRIDE.clear()
+    W.OVERRIDE.update(saved)
+    _util.POISON = False
+    ops.clear_cache()
+    if old is None:
+        os.environ.pop("QFT_KERNELS", None)
+    else:
+        os.environ["QFT_KERNELS"] = old
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten element?)"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+def make_qweight(n, k, bits, gs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qw, s, z = R.quantize_rtn(torch.randn(n, k, generator=g), bits, None if gs == k else gs, False)
+    return qw.to(DEV), s.to(DEV), z.to(DEV)
+
+
+@pytest.mark.parametrize("bits,gs,k,n", [(4, 128, 256, 40), (2, 64, 192, 33), (1, 256, 256, 16), (4, 96, 96, 20)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequant16_matches_dequant(bits, gs, k, n, dtype):
+    from qft.kernels import wq_gemm_tc as T, wq_triton as W
+
+    qw, s, z = make_qweight(n, k, bits, gs, seed=bits + n)
+    p = W.prepare(qw, s, z, bits, gs, k, dtype)
+    ref = W.dequant(p, dtype)
+    # the 16-bit decode itself runs in the interpreter for fp16 (its bf16 arithmetic is not emulated)
+    upcast = None if (DEV == "cpu" and dtype == torch.bfloat16) else False
+    out = T.dequant(p.qweight, p.scales, p.zeros, bits, gs, k, dtype, bn=16, bk=64, upcast=upcast)
+    assert out.dtype == dtype and out.shape == (n, k)
+    if upcast is False:
+        assert torch.equal(out, ref), "16-bit decode must be bit-identical to the fp32-FMA dequant"
+    assert rel(out, R.dequant(qw, s, z, bits, gs, k, torch.float32)) <= 1e-2
+
+
+@pytest.mark.parametrize("m,n,k,bits,gs,dtype,cfg", [
+    (70, 40, 256, 4, 128, torch.bfloat16, dict(bm=32, bn=16, bk=64)),
+    (33, 72, 256, 4, 64, torch.float16, dict(bm=32, bn=32, bk=64, split_k=2)),   # split-K (atomics)
+    (65, 24, 192, 2, 64, torch.bfloat16, dict(bm=64, bn=16, bk=128)),            # bk clipped to the group
+    (17, 20, 96, 4, None, torch.bfloat16, dict(bm=16, bn=16, bk=32)),             # per-channel, odd M/N
+    (40, 16, 512, 1, 256, torch.float32, dict(bm=32, bn=16, bk=256)),
+])
+def test_tc_linear(m, n, k, bits, gs, dtype, cfg):
+    from qft.kernels import wq_gemm_tc as T, wq_triton as W
+
+    gs = gs or k
+    qw, s, z = make_qweight(n, k, bits, gs, seed=m)
+    p = W.prepare(qw, s, z, bits, gs, k, dtype)
+    x = torch.randn(m, k).to(DEV, dtype)
+    b = torch.randn(n).to(DEV, dtype)
+    out = T.linear(x, p.qweight, p.scales, p.zeros, bits, gs, n, b, sms=4, **cfg)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel(out, R.qlinear(x.float(), qw, s, z, bits, gs, k, b.float())) <= 1e-2
+
+
+@pytest.mark.parametrize("path", ["fused", "deq"])
+@pytest.mark.parametrize("m,n,k,bits,gs", [(37, 48, 128, 4, 64), (260, 40, 128, 4, 128), (20, 33, 96, 2, None)])
+def test_grad_input_paths(path, m, n, k, bits, gs):
+    from qft.kernels import wq_triton as W
+
+    gs = gs or k
+    qw, s, z = make_qweight(n, k, bits, gs, seed=m + n)
+    W.OVERRIDE["grad_input"] = path
+    gy = torch.randn(m, n, dtype=torch.bfloat16, device=DEV)
+    dx = W.grad_input(gy, W.prepare(qw, s, z, bits, gs, k, torch.bfloat16))
+    assert dx.shape == (m, k) and dx.dtype == torch.bfloat16
+    assert rel(dx, gy.float() @ R.dequant(qw, s, z, bits, gs, k, torch.float32)) <= 1e-2
+
+
+@pytest.mark.parametrize("large_m", ["deq", "gemm", ("tc", 64, 16, 64, 4, 3)])
+def test_qlora_step_large_m(large_m):
+    """Forward + backward through K.qlinear at M >= 65 on each large-M path: dx and the bias gradient
+    match the reference, the frozen words are untouched, no K-sliced copy is built."""
+    from qft.kernels import ops, wq_triton as W
+
+    ops.clear_cache()
+    m, n, k = 96, 40, 256
+    qw, s, z = make_qweight(n, k, 4, 128, seed=3)
+    s = s.to(torch.bfloat16)
+    before = qw.clone()
+    W.OVERRIDE["large_m"] = large_m
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=DEV, requires_grad=True)
+    b = torch.randn(n, dtype=torch.bfloat16, device=DEV, requires_grad=True)
+    gy = torch.randn(m, n, dtype=torch.bfloat16, device=DEV)
+    y = K.qlinear(x, qw, s, z, 4, 128, k, b)
+    y.backward(gy)
+    xr = x.detach().float().requires_grad_()
+    br = b.detach().float().requires_grad_()
+    yr = R.qlinear(xr, qw, s.float(), z, 4, 128, k, br)
+    yr.backward(gy.float())
+    assert rel(y, yr) <= 1e-2
+    assert rel(x.grad, xr.grad) <= 1e-2 and rel(b.grad, br.grad) <= 1e-2
+    assert torch.equal(qw, before)
+    assert not W._SLICED_COPIES, "a large-M (training) call must not build the K-sliced copy"
+
+
+def test_sliced_copy_is_lazy_and_cached():
+    from qft.kernels import ops, wq_triton as W
+
+    ops.clear_cache()
+    qw, s, z = make_qweight(40, 256, 4, 128, seed=5)
+    p = ops.prepared(qw, s, z, 4, 128, 256, torch.bfloat16)
+    assert p.sliced is None and p.bkw > 0
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=DEV)
+    out = K.qlinear(x, qw, s, z, 4, 128, 256)
+    assert rel(out, R.qlinear(x.float(), qw, s, z, 4, 128, 256)) <= 1e-2
+    assert len(W._SLICED_COPIES) == 1
+    sl = W.sliced_copy(ops.prepared(qw, s, z, 4, 128, 256, torch.bfloat16))
+    assert sl is next(iter(W._SLICED_COPIES.values()))[1]
+    del p, sl
+    qw.add_(0)  # version bump: a stale copy is never served
+    assert W.sliced_copy(ops.prepared(qw, s, z, 4, 128, 256, torch.bfloat16)) is not None
+    assert len(W._SLICED_COPIES) == 2
