@@ -505,7 +505,8 @@ def main():
     fns = {"w4": lambda: section_w4(args, ceiling), "lowbit": lambda: section_lowbit(args),
            "int8": lambda: section_int8(args), "kv": lambda: section_kv(args), "e2e": lambda: section_e2e(args),
            "sweep": lambda: section_sweep(args), "quick": lambda: section_quick(args),
-           "fast": lambda: section_fast(args)}
+           "fast": lambda: section_fast(args),
+           "train": lambda: __import__("bench_kernels_train").section_train(args, ceiling)}
     for sname in secs:
         t0 = time.time()
         try:

@@ -599,13 +599,28 @@ def _large_m_path(x2, p, bias):
         return _CHOICE[key]
     if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "gemm" if m <= 512 else "deq"
-    best = None
+    best = (_time_once(lambda: torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)), "deq")
     for name, fn in _large_m_candidates(x2, p, bias):
-        t = _time_once(fn)
-        if best is None or t < best[0]:
+        if name == "deq":
+            continue
+        t = _try_time(name, fn)
+        if t < best[0]:
             best = (t, name)
     _CHOICE[key] = best[1]
     return best[1]
+
+
+FAILED: dict = {}  # candidate -> "ExceptionType: message" for candidates that failed to compile / run
+
+
+def _try_time(name, fn, reps=3) -> float:
+    """_time_once, or inf (recorded in FAILED) when the candidate raises: a kernel that does not
+    compile on this GPU / triton version drops out of the choice instead of breaking the model."""
+    try:
+        return _time_once(fn, reps=reps)
+    except Exception as e:  # noqa: BLE001 - any compile / launch error
+        FAILED[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        return float("inf")
 
 
 # GEMV candidates (K step, rows per program, warps), timed once per shape on first use
@@ -703,7 +718,7 @@ def sliced_linear(x2, p: PreparedQWeight, bias=None):
             return cands[0][1]()
         best = (_time_once(lambda: linear(x2, p, bias, sliced=False), reps=5), "canonical")
         for c, fn in cands:
-            t = _time_once(fn, reps=5)
+            t = _try_time(c, fn, reps=5) if c[0] == "tc" else _time_once(fn, reps=5)
             if t < best[0]:
                 best = (t, c)
         cfg = _SLICED_CFG[key] = best[1]
