@@ -39,8 +39,11 @@ from ._util import alloc, interpreting, largest_pow2_divisor
 
 @triton.jit
 def _decode16(w, s, z, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr, UPCAST: tl.constexpr,
-              FP16: tl.constexpr):
-    """words [R, C] int32, per-row scale s / integer zero z [R] -> weights [R, C * 32 // BITS]."""
+              FP16: tl.constexpr, F32MATH: tl.constexpr = False):
+    """words [R, C] int32, per-row scale s / integer zero z [R] -> weights [R, C * 32 // BITS].
+
+    F32MATH: the subtraction and product in fp32 from the exact 16-bit value (one more conversion
+    per element; a fallback in case 16-bit arithmetic is slow or unsupported somewhere)."""
     VPW: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     wu = w.to(tl.uint32, bitcast=True)
@@ -66,8 +69,10 @@ def _decode16(w, s, z, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr, UPC
         f = tl.reshape(f, (R, C * VPW))
         return (f - c[:, None]) * s[:, None].to(tl.float16)
     f = (q | 0x4300).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    c = (z + 128.0).to(tl.bfloat16)
     f = tl.reshape(f, (R, C * VPW))
+    if F32MATH:
+        return ((f.to(tl.float32) - (z + 128.0)[:, None]) * s[:, None].to(tl.float32)).to(tl.bfloat16)
+    c = (z + 128.0).to(tl.bfloat16)
     return (f - c[:, None]) * s[:, None].to(tl.bfloat16)
 
 
@@ -76,7 +81,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                M, N, K, Kw, G, GS, stride_xm, stride_ym, k_per_split,
                BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-               UPCAST: tl.constexpr, FP16: tl.constexpr):
+               UPCAST: tl.constexpr, FP16: tl.constexpr, F32MATH: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -109,7 +114,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         g = k0 // GS
         s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0)
         z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        wd = _decode16(w, s, z, BITS, BN, BKW, UPCAST, FP16)
+        wd = _decode16(w, s, z, BITS, BN, BKW, UPCAST, FP16, F32MATH)
         if UPCAST:
             acc += tl.dot(xt.to(tl.float32), tl.trans(wd))
         else:
@@ -123,6 +128,69 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         tl.atomic_add(out, acc, mask=omask)
     else:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _tc_bwd_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, Kw, G, GS, stride_gm, stride_dm,
+                   BITS: tl.constexpr, BM: tl.constexpr, BNR: tl.constexpr, BK: tl.constexpr,
+                   GROUP_M: tl.constexpr, UPCAST: tl.constexpr, FP16: tl.constexpr):
+    """qlora backward dx[BM, BK] = sum over weight rows of gy[BM, BNR] @ deq(W)[BNR, BK]: the decoded
+    [BNR, BK] tile is the right operand as it is (rows = reduction), one group per program (BK | GS)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_k = tl.cdiv(K, BK)
+    width = GROUP_M * num_k
+    gid = pid // width
+    first_m = gid * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_k = (pid % width) // gsz
+    VPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VPW
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rkw = pid_k * BKW + tl.arange(0, BKW)
+    mmask = rm < M
+    g = (pid_k * BK) // GS
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for n0 in range(0, N, BNR):
+        rn = n0 + tl.arange(0, BNR)
+        nmask = rn < N
+        gy = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
+                     mask=mmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(qw_ptr + rn[:, None].to(tl.int64) * Kw + rkw[None, :],
+                    mask=nmask[:, None] & (rkw[None, :] < Kw), other=0)
+        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0)
+        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
+        wd = _decode16(w, s, z, BITS, BNR, BKW, UPCAST, FP16)
+        if UPCAST:
+            acc += tl.dot(gy.to(tl.float32), wd)
+        else:
+            acc = tl.dot(gy, wd, acc)
+    tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (rk[None, :] < K))
+
+
+def grad_input(gy2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+               group_size: int, k: int, *, bm=128, bnr=64, bk=128, num_warps=8, num_stages=3,
+               group_m=8) -> torch.Tensor:
+    """dx = gy2 @ deq(W) ([M, N] @ [N, K]) with the 16-bit decode in the loop (bits 1, 2, 4)."""
+    m, n = gy2.shape
+    vpw = 32 // bits
+    bk = max(vpw, largest_pow2_divisor(group_size, bk) if scales.shape[1] > 1 else bk)
+    dx = alloc((m, k), gy2.dtype, gy2.device)
+    kw = dict(BITS=bits, BM=bm, BNR=bnr, BK=bk, GROUP_M=group_m, UPCAST=interpreting() or gy2.dtype == torch.float32,
+              FP16=gy2.dtype == torch.float16)
+    if not interpreting():
+        kw.update(num_warps=num_warps, num_stages=num_stages)
+    _tc_bwd_kernel[(triton.cdiv(m, bm) * triton.cdiv(k, bk),)](
+        gy2, qweight, scales, zeros, dx, m, n, k, qweight.shape[1], scales.shape[1], group_size,
+        gy2.stride(0), dx.stride(0), **kw)
+    return dx
+
+
+# backward candidates (BM, BNR, BK, warps, stages)
+BWD_CONFIGS = [(128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)]
 
 
 @triton.jit
@@ -170,12 +238,15 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 CONFIGS = {
     "small": [(64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 256, 64, 8, 3)],
     "mid": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3)],
-    "large": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 128, 8, 2)],
+    "large": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)],
 }
+F32MATH_CONFIG = {"small": (64, 128, 128, 4, 3), "mid": (128, 128, 64, 8, 3), "large": (128, 256, 64, 8, 3)}
 
 
 def configs_for(m: int) -> list:
-    return CONFIGS["small" if m <= 128 else "mid" if m <= 512 else "large"]
+    """(BM, BN, BK, warps, stages[, 'f32']) candidates for this M; the last one does its decode math in fp32."""
+    r = "small" if m <= 128 else "mid" if m <= 512 else "large"
+    return CONFIGS[r] + [F32MATH_CONFIG[r] + ("f32",)]
 
 
 def applies(bits: int, dtype: torch.dtype) -> bool:
@@ -190,7 +261,7 @@ def _sms(device) -> int:
 
 def linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
            group_size: int, n: int, bias=None, *, bm=64, bn=128, bk=64, num_warps=4, num_stages=3,
-           split_k=None, group_m=8, sms=None) -> torch.Tensor:
+           split_k=None, group_m=8, sms=None, f32math=False) -> torch.Tensor:
     """y = x2 @ deq(W)^T (+ bias) for x2 [M, K] contiguous, canonical words [N, K * bits / 32] and
     kernel-ready scales / integer zeros [N, G] (as ``wq_triton.prepare`` builds them)."""
     m, k = x2.shape
@@ -209,7 +280,7 @@ def linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     y = torch.zeros((m, n), device=x2.device, dtype=torch.float32) if atomic else alloc((m, n), x2.dtype, x2.device)
     upcast = interpreting() or x2.dtype == torch.float32
     kw = dict(BITS=bits, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, HAS_BIAS=bias is not None, ATOMIC=atomic,
-              UPCAST=upcast, FP16=x2.dtype == torch.float16)
+              UPCAST=upcast, FP16=x2.dtype == torch.float16, F32MATH=f32math)
     if not interpreting():
         kw.update(num_warps=num_warps, num_stages=num_stages)
     _tc_kernel[(tiles, split_k)](

@@ -501,7 +501,8 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
     (one bandwidth-bound pass writes the dense weight, a transient freed right after; nothing is
     saved from the forward). Chosen per (M bucket, shape) by timing both once on first use; under
     CUDA-graph capture or off CUDA: fused below M = 256, else dequantize-then-cuBLAS.
-    ``OVERRIDE['grad_input']`` ('fused' or 'deq') forces one."""
+    ``OVERRIDE['grad_input']`` ('fused', 'deq' or a ('tc', ...) key) forces one. The tensor-core
+    in-loop-decode kernel (``wq_gemm_tc.grad_input``) is a third candidate."""
     m = gy2.shape[0]
     forced = OVERRIDE.get("grad_input")
     if forced is None:
@@ -512,10 +513,31 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
             if gy2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
                 forced = "fused" if m < 256 else "deq"
             else:
-                t_f = _time_once(lambda: grad_input_fused(gy2, p))
-                t_d = _time_once(lambda: grad_input_deq(gy2, p))
-                forced = _BWD_CHOICE[key] = "fused" if t_f <= t_d else "deq"
-    return grad_input_deq(gy2, p) if forced == "deq" else grad_input_fused(gy2, p)
+                best = (_time_once(lambda: grad_input_deq(gy2, p)), "deq")
+                for name, fn in _bwd_candidates(gy2, p):
+                    t = _try_time(name, fn)
+                    if t < best[0]:
+                        best = (t, name)
+                forced = _BWD_CHOICE[key] = best[1]
+    return run_bwd_path(forced, gy2, p)
+
+
+def _bwd_candidates(gy2, p):
+    cands = [("fused", lambda: grad_input_fused(gy2, p))]
+    if wq_gemm_tc.applies(p.bits, gy2.dtype):
+        cands += [(("tc",) + c, lambda c=c: run_bwd_path(("tc",) + c, gy2, p)) for c in wq_gemm_tc.BWD_CONFIGS]
+    return cands
+
+
+def run_bwd_path(path, gy2, p: PreparedQWeight):
+    """The qlora backward by key: 'deq', 'fused' or ('tc', BM, BNR, BK, warps, stages)."""
+    if path == "deq":
+        return grad_input_deq(gy2, p)
+    if isinstance(path, tuple) and path[0] == "tc" and wq_gemm_tc.applies(p.bits, gy2.dtype):
+        bm, bnr, bk, nw, ns = path[1:6]
+        return wq_gemm_tc.grad_input(gy2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
+                                     bm=bm, bnr=bnr, bk=bk, num_warps=nw, num_stages=ns)
+    return grad_input_fused(gy2, p)
 
 
 def grad_input_deq(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
@@ -693,9 +715,8 @@ def _tc_candidates(x2, p, bias, sms):
     """In-loop-dequant tensor-core GEMM (``wq_gemm_tc``) configurations for this M, keyed ('tc', ...)."""
     if not wq_gemm_tc.applies(p.bits, x2.dtype) or x2.shape[0] < TC_MIN_M:
         return []
-    return [(("tc",) + cfg, lambda cfg=cfg: wq_gemm_tc.linear(
-        x2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.out_features, bias, bm=cfg[0], bn=cfg[1],
-        bk=cfg[2], num_warps=cfg[3], num_stages=cfg[4], sms=sms)) for cfg in wq_gemm_tc.configs_for(x2.shape[0])]
+    return [(("tc",) + cfg, lambda cfg=cfg: run_path(("tc",) + cfg, x2, p, bias))
+            for cfg in wq_gemm_tc.configs_for(x2.shape[0])]
 
 
 def sliced_linear(x2, p: PreparedQWeight, bias=None):
@@ -748,7 +769,8 @@ def run_path(path, x2, p: PreparedQWeight, bias=None):
     if path == "deq":
         return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
     if isinstance(path, tuple) and path[0] == "tc" and wq_gemm_tc.applies(p.bits, x2.dtype):
-        bm, bn, bk, nw, ns = path[1:]
+        bm, bn, bk, nw, ns = path[1:6]
         return wq_gemm_tc.linear(x2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.out_features, bias,
-                                 bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns, sms=_num_sms(x2.device))
+                                 bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns, sms=_num_sms(x2.device),
+                                 f32math="f32" in path[6:])
     return gemm(x2, p, bias)

@@ -72,6 +72,7 @@ def test_dequant16_matches_dequant(bits, gs, k, n, dtype):
     (65, 24, 192, 2, 64, torch.bfloat16, dict(bm=64, bn=16, bk=128)),            # bk clipped to the group
     (17, 20, 96, 4, None, torch.bfloat16, dict(bm=16, bn=16, bk=32)),             # per-channel, odd M/N
     (40, 16, 512, 1, 256, torch.float32, dict(bm=32, bn=16, bk=256)),
+    (36, 40, 256, 4, 128, torch.bfloat16, dict(bm=32, bn=16, bk=128, f32math=True)),
 ])
 def test_tc_linear(m, n, k, bits, gs, dtype, cfg):
     from qft.kernels import wq_gemm_tc as T, wq_triton as W
@@ -86,7 +87,7 @@ def test_tc_linear(m, n, k, bits, gs, dtype, cfg):
     assert rel(out, R.qlinear(x.float(), qw, s, z, bits, gs, k, b.float())) <= 1e-2
 
 
-@pytest.mark.parametrize("path", ["fused", "deq"])
+@pytest.mark.parametrize("path", ["fused", "deq", ("tc", 32, 16, 64, 4, 3)])
 @pytest.mark.parametrize("m,n,k,bits,gs", [(37, 48, 128, 4, 64), (260, 40, 128, 4, 128), (20, 33, 96, 2, None)])
 def test_grad_input_paths(path, m, n, k, bits, gs):
     from qft.kernels import wq_triton as W
