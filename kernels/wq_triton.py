@@ -510,12 +510,13 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
         key = (bucket, p.out_features, p.in_features, p.bits, p.group_size, gy2.dtype, gy2.device)
         forced = _BWD_CHOICE.get(key)
         if forced is None:
-            if gy2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            if not _can_time(gy2):
                 forced = "fused" if m < 256 else "deq"
             else:
                 best = (_time_once(lambda: grad_input_deq(gy2, p)), "deq")
+                ref = grad_input_deq(gy2, p)
                 for name, fn in _bwd_candidates(gy2, p):
-                    t = _try_time(name, fn)
+                    t = _try_time(name, fn, ref=ref)
                     if t < best[0]:
                         best = (t, name)
                 forced = _BWD_CHOICE[key] = best[1]
@@ -619,26 +620,40 @@ def _large_m_path(x2, p, bias):
         return forced
     if key in _CHOICE:
         return _CHOICE[key]
-    if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if not _can_time(x2):
         return "gemm" if m <= 512 else "deq"
     best = (_time_once(lambda: torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)), "deq")
+    ref = torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
     for name, fn in _large_m_candidates(x2, p, bias):
         if name == "deq":
             continue
-        t = _try_time(name, fn)
+        t = _try_time(name, fn, ref=ref)
         if t < best[0]:
             best = (t, name)
     _CHOICE[key] = best[1]
     return best[1]
 
 
+def _can_time(t: torch.Tensor) -> bool:
+    """Whether candidates can be timed now (CUDA tensor, no graph being captured)."""
+    return t.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
 FAILED: dict = {}  # candidate -> "ExceptionType: message" for candidates that failed to compile / run
 
 
-def _try_time(name, fn, reps=3) -> float:
-    """_time_once, or inf (recorded in FAILED) when the candidate raises: a kernel that does not
-    compile on this GPU / triton version drops out of the choice instead of breaking the model."""
+def _try_time(name, fn, reps=3, ref=None) -> float:
+    """_time_once, or inf (recorded in FAILED) when the candidate raises or, given ``ref`` (the
+    output of dequantize-then-cuBLAS on the same inputs), disagrees with it (rel. error > 1e-2): a
+    kernel that does not compile, or computes wrongly, on this GPU / triton version drops out of the
+    choice instead of breaking the model."""
     try:
+        if ref is not None:
+            out = fn()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+            if not err <= 1e-2:
+                FAILED[name] = f"rel. error {err:.3g} against dequantize-then-cuBLAS"
+                return float("inf")
         return _time_once(fn, reps=reps)
     except Exception as e:  # noqa: BLE001 - any compile / launch error
         FAILED[name] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -738,8 +753,9 @@ def sliced_linear(x2, p: PreparedQWeight, bias=None):
         if torch.cuda.is_current_stream_capturing():
             return cands[0][1]()
         best = (_time_once(lambda: linear(x2, p, bias, sliced=False), reps=5), "canonical")
+        ref = torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
         for c, fn in cands:
-            t = _try_time(c, fn, reps=5) if c[0] == "tc" else _time_once(fn, reps=5)
+            t = _try_time(c, fn, reps=5, ref=ref) if c[0] == "tc" else _time_once(fn, reps=5)
             if t < best[0]:
                 best = (t, c)
         cfg = _SLICED_CFG[key] = best[1]

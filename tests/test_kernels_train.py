@@ -145,3 +145,41 @@ def test_sliced_copy_is_lazy_and_cached():
     qw.add_(0)  # version bump: a stale copy is never served
     assert W.sliced_copy(ops.prepared(qw, s, z, 4, 128, 256, torch.bfloat16)) is not None
     assert len(W._SLICED_COPIES) == 2
+
+
+def test_dispatcher_skips_wrong_or_failing_candidates(monkeypatch):
+    """The one-time choice keeps the fastest candidate whose output matches dequantize-then-cuBLAS;
+    one that raises or computes wrongly is recorded in FAILED and never chosen (timing faked)."""
+    from qft.kernels import wq_triton as W
+
+    qw, s, z = make_qweight(40, 256, 4, 128, seed=11)
+    p = W.prepare(qw, s, z, 4, 128, 256, torch.bfloat16, sliced=False)
+    x = torch.randn(96, 256, dtype=torch.bfloat16, device=DEV)
+    fake_t = {"gemm": 5.0, ("tc", 1): 0.5, ("tc", 2): 0.7, ("tc", 3): 2.0}  # dequantize-then-cuBLAS: 3.0
+
+    def tagged(key, fn):
+        fn.key = key
+        return key, fn
+
+    def cands(x2, p, bias):
+        def boom():
+            raise RuntimeError("does not compile")
+        return [tagged("gemm", lambda: W.gemm(x2, p, bias)), tagged("deq", lambda: W.gemm(x2, p, bias)),
+                tagged(("tc", 1), lambda: W.gemm(x2, p, bias) * 1.5), tagged(("tc", 2), boom),
+                tagged(("tc", 3), lambda: W.gemm(x2, p, bias))]
+
+    def time_once(fn, reps=3, trials=3):
+        fn()
+        return fake_t.get(getattr(fn, "key", None), 3.0)
+    monkeypatch.setattr(W, "_can_time", lambda t: True)
+    monkeypatch.setattr(W, "_large_m_candidates", cands)
+    monkeypatch.setattr(W, "_time_once", time_once)
+    W.FAILED.clear()
+    W._CHOICE.clear()
+    try:
+        # 0.5 is 1.5x off -> rejected; 0.7 raises -> rejected; 2.0 beats gemm 5.0 and deq 3.0
+        assert W._large_m_path(x, p, None) == ("tc", 3)
+        assert set(W.FAILED) == {("tc", 1), ("tc", 2)}
+    finally:
+        W._CHOICE.clear()
+        W.FAILED.clear()
