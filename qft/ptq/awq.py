@@ -50,8 +50,8 @@ from torch import nn
 
 from qft.nn import quant as Q
 from qft.ptq.calibrate import BlockContext, make_quant_linear, sequential
-from qft.ptq.awq_search import asym_clip_qparams, hessian_error, qdq as _qdq, scaled_hessian, search_clip, \
-    search_scale, weight_mean
+from qft.ptq.awq_search import asym_clip_qparams, attn_error as _attn_error, hessian_error, mlp_forward as _mlp_forward, \
+    qdq as _qdq, scaled_hessian, search_clip, search_scale, weight_mean
 from qft.ptq.gptq import GPTQConfig, check_int_spec, gptq_block, gptq_quantize
 from qft.registry import METHODS
 from qft.spec import resolve_spec
@@ -68,8 +68,11 @@ class AWQConfig:
         "help": "awq_gptq: dampen the Hessian before dividing it by s s^T (as plain GPTQ dampens) "
                 "instead of by the scaled Hessian's mean diagonal"})
     objective: str = field(default="tokens", metadata={
-        "help": "scale search error: 'tokens' (linear/MLP outputs on n_tokens sampled rows) or 'hessian' "
-                "(the linears' outputs on all calibration tokens, tr(D H D^T))"})
+        "help": "scale search error: 'tokens' (linear/MLP outputs on n_tokens sampled rows), 'hessian' "
+                "(the linears' outputs on all calibration tokens, tr(D H D^T)) or 'block' (q/k/v: the attention "
+                "output on block_windows windows; gate/up: the MLP output on sampled rows; o/down: 'hessian')"})
+    block_windows: int = field(default=8, metadata={"help": "objective='block': calibration windows (whole "
+                                                            "batches) for the attention-output error"})
     search_quant: str = field(default="rtn", metadata={
         "help": "quantizer inside the scale search: 'rtn' (min-max, the paper) or 'final' (the method's own: "
                 "clip search + RTN, or GPTQ for awq_gptq)"})
@@ -86,13 +89,13 @@ class AWQConfig:
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
     def __post_init__(self):
-        for k, allowed in (("objective", ("tokens", "hessian")), ("search_quant", ("rtn", "final")),
+        for k, allowed in (("objective", ("tokens", "hessian", "block")), ("search_quant", ("rtn", "final")),
                            ("clip_method", ("awq", "asym"))):
             if getattr(self, k) not in allowed:
                 raise ValueError(f"awq: {k}={getattr(self, k)!r} is not valid; allowed: {', '.join(allowed)}")
         if not isinstance(self.clip_rounds, int) or isinstance(self.clip_rounds, bool) or self.clip_rounds < 0:
             raise ValueError(f"awq: clip_rounds={self.clip_rounds!r} is not valid; allowed: an integer >= 0")
-        for k in ("grid", "clip_grid", "n_tokens", "clip_tokens", "batch_size"):
+        for k in ("grid", "clip_grid", "n_tokens", "clip_tokens", "batch_size", "block_windows"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"awq: {k}={v!r} is not valid; allowed: a positive integer")
@@ -153,19 +156,6 @@ def _fold(block, prev: str, kind: str, s: torch.Tensor, lins: list[str], layout=
         lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
 
 
-def _mlp_forward(block):
-    mlp = _get(block, "mlp")
-    act = getattr(mlp, "act_fn", None)
-    if act is None or _get(block, "mlp.down_proj") is None:
-        return None
-    wd = mlp.down_proj.weight.float()
-
-    def fwd(x, W):  # W = [gate; up] stacked
-        g, u = (x @ W.t()).chunk(2, dim=-1)
-        return (act(g) * u) @ wd.t()
-    return fwd
-
-
 def _clip_qparams(cfg: AWQConfig, spec, W, st, s=None):
     """Clip-searched (scale, zero) for W (already multiplied by s, the inputs divided by s)."""
     gs = spec.group_for(W.shape[1])
@@ -195,9 +185,9 @@ def _final_quantizer(cfg: AWQConfig, gcfg: GPTQConfig | None, spec, st):
 def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = None) -> None:
     """Scale search + fold, clip search, quantize (RTN, or GPTQ when ``then_gptq``) for one block."""
     spec, block = ctx.spec, ctx.block
-    need_h = (then_gptq is not None or cfg.objective == "hessian"
+    need_h = (then_gptq is not None or cfg.objective in ("hessian", "block")
               or (cfg.clip and cfg.clip_method == "asym"))
-    need_tokens = cfg.objective == "tokens" or (cfg.clip and cfg.clip_method == "awq")
+    need_tokens = cfg.objective in ("tokens", "block") or (cfg.clip and cfg.clip_method == "awq")
     stats = ctx.collect(hessian=need_h, absmean=True, store_tokens=cfg.n_tokens if need_tokens else 0)
     in_scale = {}  # short name -> s its input was divided by
     for prev, lins, kind in _scale_groups(block):
@@ -217,7 +207,11 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
         W = torch.cat([_get(block, n).weight.float() for n in lins])
         gs = spec.group_for(W.shape[1])
         fwd = _mlp_forward(block) if lins == ["mlp.gate_proj", "mlp.up_proj"] else None
-        err = (lambda Wq, W=W, H=st.H: hessian_error(W, Wq, H)) if cfg.objective == "hessian" else None
+        err = None
+        if cfg.objective == "hessian" or (cfg.objective == "block" and kind != "norm"):
+            err = (lambda Wq, W=W, H=st.H: hessian_error(W, Wq, H))
+        elif cfg.objective == "block" and fwd is None:
+            err = _attn_error(ctx, lins, cfg.block_windows)
         quant = _final_quantizer(cfg, then_gptq, spec, st) if cfg.search_quant == "final" else None
         s, _alpha, _loss = search_scale(st.tokens, st.mean_abs, W, spec.bits, gs, spec.symmetric, cfg.grid, fwd, tie,
                                         duo=cfg.duo, quantize=quant, error=err)

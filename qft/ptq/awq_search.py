@@ -1,5 +1,9 @@
 """AWQ's searches (pure functions): the per-input-channel scale search and the clip searches.
 
+Error functions for the scale search: :func:`hessian_error` (the linears' outputs, all calibration
+tokens), :func:`mlp_forward` (the MLP output for gate/up) and :func:`attn_error` (the attention
+output for q/k/v on whole calibration windows: AWQ's "module2inspect").
+
 Scale search (Lin et al., AWQ, MLSys 2024): candidates s = mean|x|^alpha (alpha on a grid in
 [0, 1); optionally AutoAWQ's "duo" family mean|x|^alpha / mean|w/groupmax|^(1 - alpha)), each
 normalized to sqrt(max * min) = 1; the weight is scaled (W * s), quantized, scaled back, and the
@@ -31,7 +35,7 @@ import torch
 from qft.nn import quant as Q
 from qft.ptq import clip as C
 
-__all__ = ["qdq", "weight_mean", "scale_candidates", "search_scale", "search_clip", "hessian_error",
+__all__ = ["mlp_forward", "attn_error", "qdq", "weight_mean", "scale_candidates", "search_scale", "search_clip", "hessian_error",
            "asym_clip_qparams", "scaled_hessian"]
 
 
@@ -61,6 +65,13 @@ def scale_candidates(xmean: torch.Tensor, W: torch.Tensor, gs: int, grid: int, d
             s = tie(s)
         out.append((-alpha if is_duo else alpha, s / (s.max() * s.min()).sqrt()))
     return out
+
+
+def _get(block, short):
+    try:
+        return block.get_submodule(short)
+    except AttributeError:
+        return None
 
 
 def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -126,6 +137,51 @@ def asym_clip_qparams(W: torch.Tensor, H: torch.Tensor, spec, grid: int = 20, ma
     cfg = C.ClipConfig(n_grid=grid, max_shrink=max_shrink, rounds=rounds)
     a, b = C.search_clip(W, C.group_grams(H, gs), spec, cfg)
     return Q.minmax_qparams(W.float(), spec.bits, gs, spec.symmetric, a, b)
+
+
+def mlp_forward(block):
+    """forward(x, [W_gate; W_up]) -> the MLP output (down_proj in float); None without act_fn / down_proj."""
+    mlp = _get(block, "mlp")
+    act = getattr(mlp, "act_fn", None)
+    if act is None or _get(block, "mlp.down_proj") is None:
+        return None
+    wd = mlp.down_proj.weight.float()
+
+    def fwd(x, W):  # W = [gate; up] stacked
+        g, u = (x @ W.t()).chunk(2, dim=-1)
+        return (act(g) * u) @ wd.t()
+    return fwd
+
+
+def attn_error(ctx, lins: list[str], n_windows: int):
+    """error(Wq) for stacked q/k/v: mean squared error of the attention output (o_proj in float) on
+    the first batches holding ``n_windows`` calibration windows (AWQ's module2inspect); None when
+    the block has no self_attn / input_layernorm."""
+    attn, norm = _get(ctx.block, "self_attn"), _get(ctx.block, "input_layernorm")
+    if attn is None or norm is None:
+        return None
+    mods = [_get(ctx.block, n) for n in lins]
+    batches, seen = [], 0
+    for x, kw in zip(ctx.inputs, ctx.kwargs):
+        if seen >= n_windows:
+            break
+        batches.append((norm(x), kw))
+        seen += x.shape[0]
+
+    def outputs():
+        return [attn(hidden_states=h, **kw)[0] for h, kw in batches]
+    ref = outputs()
+
+    def error(Wq):
+        old = [m.weight.data for m in mods]
+        for m, w in zip(mods, Wq.split([m.out_features for m in mods])):
+            m.weight.data = w.to(m.weight.dtype)
+        try:
+            return sum((o - r).float().pow(2).mean().item() for o, r in zip(outputs(), ref)) / len(ref)
+        finally:
+            for m, w in zip(mods, old):
+                m.weight.data = w
+    return error
 
 
 def scaled_hessian(H: torch.Tensor, s: torch.Tensor | None, percdamp: float, damp_unscaled: bool):
