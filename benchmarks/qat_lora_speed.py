@@ -147,7 +147,10 @@ def bench(mode, a):
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         if a.profile == mode and cuda:
-            profile(step, a.profile_rows)
+            try:
+                profile(step, a.profile_rows)
+            except Exception as e:  # the profiler is a diagnostic: never lose the timing for it
+                print(f"(profile failed: {type(e).__name__}: {e})")
         del m, opt
     gc.collect()
     if cuda:
