@@ -236,7 +236,8 @@ def dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
 
 # Candidate configurations (BM, BN, BK, warps, stages), by M range; the dispatcher times them.
 CONFIGS = {
-    "small": [(64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 256, 64, 8, 3)],
+    "small": [(64, 128, 128, 4, 3), (64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (32, 128, 128, 4, 4),
+              (64, 256, 64, 8, 3)],
     "mid": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3)],
     "large": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)],
 }
@@ -272,7 +273,7 @@ def linear(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if split_k is None:
         sms = sms or _sms(x2.device)
         split_k = 1
-        while tiles * split_k < sms and k // (split_k * 2) >= 4 * bk and split_k < 16:
+        while tiles * split_k * 4 < sms * 3 and k // (split_k * 2) >= 4 * bk and split_k < 16:
             split_k *= 2
     k_per = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
     split_k = triton.cdiv(k, k_per)
