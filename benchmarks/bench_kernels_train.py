@@ -67,7 +67,7 @@ def _rows(say, shape, m, t_ref, variants, ref, label):
 
 
 def section_train(args=None, ceiling=None):
-    from qft.kernels import wq_gemm_tc as T, wq_triton as W
+    from qft.kernels import wq_gemm_tc as T, wq_gemm_tc2 as T2, wq_triton as W
 
     say = BK.say
     say("\n## W4A16 g128 for M >= 64 and the qlora backward: every path (graph timing, weight copies rotated)\n")
@@ -111,8 +111,8 @@ def section_train(args=None, ceiling=None):
             say(f"| {k}x{n} | {m} | fwd | cuBLAS bf16 | {t_bf:.1f} | 1.00 | |")
             var = [("deq+cuBLAS", [lambda p=p: F.linear(x, W.dequant(p, x.dtype)) for p in ps]),
                    ("gemm (canonical fused)", [lambda p=p: W.gemm(x, p) for p in ps])]
-            for cfg in T.configs_for(m):
-                var.append((f"tc {cfg}", [lambda p=p, c=cfg: W.run_path(("tc",) + c, x, p) for p in ps]))
+            for key in [("tc",) + c for c in T.configs_for(m)] + [("tc2",) + c for c in T2.configs_for(m)]:
+                var.append((" ".join(map(str, key)), [lambda p=p, kk=key: W.run_path(kk, x, p) for p in ps]))
             if m <= W.SLICED_MMA_MAX_M:  # the K-sliced kernel that won at M = 16 (BENCHMARKS.md)
                 var.append(("sliced ('mma8', 64, 4, 4)", [lambda p=p: dict(W._sliced_candidates(x, p, None, sms))[
                     ("mma8", 64, 4, 4)]() for p in ps]))

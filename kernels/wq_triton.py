@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor, next_pow2
-from . import wq_gemm_tc, wq_sliced, wq_sliced_mma
+from . import wq_gemm_tc, wq_gemm_tc2, wq_sliced, wq_sliced_mma
 from .reference import pack_int32, unpack_int32
 
 
@@ -728,10 +728,13 @@ def _sliced_candidates(x2, p, bias, sms):
 
 def _tc_candidates(x2, p, bias, sms):
     """In-loop-dequant tensor-core GEMM (``wq_gemm_tc``) configurations for this M, keyed ('tc', ...)."""
-    if not wq_gemm_tc.applies(p.bits, x2.dtype) or x2.shape[0] < TC_MIN_M:
+    m = x2.shape[0]
+    if not wq_gemm_tc.applies(p.bits, x2.dtype) or m < TC_MIN_M:
         return []
-    return [(("tc",) + cfg, lambda cfg=cfg: run_path(("tc",) + cfg, x2, p, bias))
-            for cfg in wq_gemm_tc.configs_for(x2.shape[0])]
+    keys = [("tc",) + cfg for cfg in wq_gemm_tc.configs_for(m)]
+    if wq_gemm_tc2.applies(p.bits, x2.dtype, p.in_features):
+        keys += [("tc2",) + cfg for cfg in wq_gemm_tc2.configs_for(m)]
+    return [(key, lambda key=key: run_path(key, x2, p, bias)) for key in keys]
 
 
 def sliced_linear(x2, p: PreparedQWeight, bias=None):
@@ -755,7 +758,7 @@ def sliced_linear(x2, p: PreparedQWeight, bias=None):
         best = (_time_once(lambda: linear(x2, p, bias, sliced=False), reps=5), "canonical")
         ref = torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
         for c, fn in cands:
-            t = _try_time(c, fn, reps=5, ref=ref) if c[0] == "tc" else _time_once(fn, reps=5)
+            t = _try_time(c, fn, reps=5, ref=ref) if c[0] in ("tc", "tc2") else _time_once(fn, reps=5)
             if t < best[0]:
                 best = (t, c)
         cfg = _SLICED_CFG[key] = best[1]
@@ -781,7 +784,8 @@ def linear(x2: torch.Tensor, p: PreparedQWeight, bias=None, sliced: bool = True)
 
 
 def run_path(path, x2, p: PreparedQWeight, bias=None):
-    """Run one large-M path by key: 'gemm', 'deq' or ('tc', BM, BN, BK, warps, stages)."""
+    """Run one large-M path by key: 'gemm', 'deq', ('tc', BM, BN, BK, warps, stages[, 'f32']) or
+    ('tc2', BM, BN, BK, warps, stages)."""
     if path == "deq":
         return torch.nn.functional.linear(x2, dequant(p, x2.dtype), bias)
     if isinstance(path, tuple) and path[0] == "tc" and wq_gemm_tc.applies(p.bits, x2.dtype):
@@ -789,4 +793,8 @@ def run_path(path, x2, p: PreparedQWeight, bias=None):
         return wq_gemm_tc.linear(x2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.out_features, bias,
                                  bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns, sms=_num_sms(x2.device),
                                  f32math="f32" in path[6:])
+    if isinstance(path, tuple) and path[0] == "tc2" and wq_gemm_tc2.applies(p.bits, x2.dtype, p.in_features):
+        bm, bn, bk, nw, ns = path[1:6]
+        return wq_gemm_tc2.linear(x2, p.qweight, p.scales, p.zeros, p.group_size, p.out_features, bias, bm=bm,
+                                  bn=bn, bk=bk, num_warps=nw, num_stages=ns, sms=_num_sms(x2.device))
     return gemm(x2, p, bias)

@@ -101,7 +101,7 @@ def test_grad_input_paths(path, m, n, k, bits, gs):
     assert rel(dx, gy.float() @ R.dequant(qw, s, z, bits, gs, k, torch.float32)) <= 1e-2
 
 
-@pytest.mark.parametrize("large_m", ["deq", "gemm", ("tc", 64, 16, 64, 4, 3)])
+@pytest.mark.parametrize("large_m", ["deq", "gemm", ("tc", 64, 16, 64, 4, 3), ("tc2", 64, 16, 32, 4, 3)])
 def test_qlora_step_large_m(large_m):
     """Forward + backward through K.qlinear at M >= 65 on each large-M path: dx and the bias gradient
     match the reference, the frozen words are untouched, no K-sliced copy is built."""
@@ -183,3 +183,24 @@ def test_dispatcher_skips_wrong_or_failing_candidates(monkeypatch):
     finally:
         W._CHOICE.clear()
         W.FAILED.clear()
+
+
+@pytest.mark.parametrize("m,n,k,gs,dtype,cfg", [
+    (70, 40, 256, 128, torch.bfloat16, dict(bm=32, bn=16, bk=64)),               # EVEN off (N % BN)
+    (33, 64, 256, 64, torch.float16, dict(bm=32, bn=32, bk=64, split_k=2)),      # EVEN, split-K
+    (17, 24, 96, None, torch.bfloat16, dict(bm=16, bn=16, bk=32)),               # per-channel, odd K steps
+])
+def test_tc2_paired_decode(m, n, k, gs, dtype, cfg):
+    """The paired decode's K order (8 c + 2 j + h <- 8 c + j + 4 h) agrees with the permuted x."""
+    from qft.kernels import wq_gemm_tc2 as T2, wq_triton as W
+
+    gs = gs or k
+    qw, s, z = make_qweight(n, k, 4, gs, seed=m + 1)
+    p = W.prepare(qw, s, z, 4, gs, k, dtype)
+    x = torch.randn(m, k).to(DEV, dtype)
+    b = torch.randn(n).to(DEV, dtype)
+    xp = T2.permute_x(x)
+    assert torch.equal(xp.view(m, k // 8, 4, 2)[:, :, :, 1], x.view(m, k // 8, 8)[:, :, 4:])
+    out = T2.linear(x, p.qweight, p.scales, p.zeros, gs, n, b, sms=4, **cfg)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel(out, R.qlinear(x.float(), qw, s, z, 4, gs, k, b.float())) <= 1e-2

@@ -57,8 +57,9 @@ def test_tc_forward_and_backward_candidates(m, n, k):
     wd = R.dequant(qw, s, z, 4, 128, k, torch.float32)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ wd.t()
-    for cfg in T.configs_for(m):
-        assert rel(W.run_path(("tc",) + cfg, x, p), ref) <= 1e-2, cfg
+    from qft.kernels import wq_gemm_tc2 as T2
+    for key in [("tc",) + c for c in T.configs_for(m)] + [("tc2",) + c for c in T2.configs_for(m)]:
+        assert rel(W.run_path(key, x, p), ref) <= 1e-2, key
     gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     gref = gy.float() @ wd
     for c in T.BWD_CONFIGS:
