@@ -513,10 +513,10 @@ def grad_input(gy2: torch.Tensor, p: PreparedQWeight) -> torch.Tensor:
             if not _can_time(gy2):
                 forced = "fused" if m < 256 else "deq"
             else:
-                best = (_time_once(lambda: grad_input_deq(gy2, p)), "deq")
+                best = (_time_once(lambda: grad_input_deq(gy2, p), graph=False), "deq")
                 ref = grad_input_deq(gy2, p)
                 for name, fn in _bwd_candidates(gy2, p):
-                    t = _try_time(name, fn, ref=ref)
+                    t = _try_time(name, fn, ref=ref, graph=False)
                     if t < best[0]:
                         best = (t, name)
                 forced = _BWD_CHOICE[key] = best[1]
@@ -569,14 +569,18 @@ LARGE_M = 65  # from here on, the fused GEMMs and dequantize-then-cuBLAS are tim
 _CHOICE: dict = {}
 
 
-def _time_once(fn, reps=3, trials=3) -> float:
+def _time_once(fn, reps=3, trials=3, graph=True) -> float:
     """GPU time of ``reps`` calls, replayed from a CUDA graph so Python/launch overhead does not
     bias the choice (falls back to plain events where capture fails); the minimum over ``trials``
-    replays, so one slow replay (clock ramp, a neighbour's traffic) does not flip a choice."""
+    replays, so one slow replay (clock ramp, a neighbour's traffic) does not flip a choice.
+    ``graph=False``: plain events (the backward runs on autograd's worker thread, where no graph is
+    captured; at training sizes launch overhead is negligible there)."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     try:
+        if not graph:
+            raise RuntimeError("plain event timing requested")
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
@@ -642,7 +646,7 @@ def _can_time(t: torch.Tensor) -> bool:
 FAILED: dict = {}  # candidate -> "ExceptionType: message" for candidates that failed to compile / run
 
 
-def _try_time(name, fn, reps=3, ref=None) -> float:
+def _try_time(name, fn, reps=3, ref=None, graph=True) -> float:
     """_time_once, or inf (recorded in FAILED) when the candidate raises or, given ``ref`` (the
     output of dequantize-then-cuBLAS on the same inputs), disagrees with it (rel. error > 1e-2): a
     kernel that does not compile, or computes wrongly, on this GPU / triton version drops out of the
@@ -654,7 +658,7 @@ def _try_time(name, fn, reps=3, ref=None) -> float:
             if not err <= 1e-2:
                 FAILED[name] = f"rel. error {err:.3g} against dequantize-then-cuBLAS"
                 return float("inf")
-        return _time_once(fn, reps=reps)
+        return _time_once(fn, reps=reps, graph=graph)
     except Exception as e:  # noqa: BLE001 - any compile / launch error
         FAILED[name] = f"{type(e).__name__}: {str(e)[:200]}"
         return float("inf")
