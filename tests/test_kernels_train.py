@@ -168,7 +168,7 @@ def test_dispatcher_skips_wrong_or_failing_candidates(monkeypatch):
                 tagged(("tc", 1), lambda: W.gemm(x2, p, bias) * 1.5), tagged(("tc", 2), boom),
                 tagged(("tc", 3), lambda: W.gemm(x2, p, bias))]
 
-    def time_once(fn, reps=3, trials=3):
+    def time_once(fn, reps=3, trials=3, graph=True):
         fn()
         return fake_t.get(getattr(fn, "key", None), 3.0)
     monkeypatch.setattr(W, "_can_time", lambda t: True)
