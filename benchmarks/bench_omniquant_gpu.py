@@ -69,7 +69,10 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=float, default=20.0,
                     help="OmniQuant / ZeroQuant-LKD passes over the calibration windows per block (the paper: 20)")
     ap.add_argument("--train-batch", type=int, default=4, help="calibration windows per Adam step")
-    ap.add_argument("--budget", type=float, default=450.0,
+    ap.add_argument("--lwc-lr", type=float, default=2e-2,
+                    help="OmniQuant LWC learning rate (the paper: 1e-2 at 1 window per step; ~sqrt(4) x for 4)")
+    ap.add_argument("--let-lr", type=float, default=5e-3, help="OmniQuant LET learning rate (the paper: 5e-3)")
+    ap.add_argument("--budget", type=float, default=420.0,
                     help="seconds for the whole run (from the start of the script); training rows share "
                          "what is left after the reserve, later rows are skipped when it is spent")
     ap.add_argument("--reserve", type=float, default=60.0,
@@ -152,7 +155,7 @@ def main(argv=None):
         rec = {"row": r, "setting": setting, "method": method, "device": name, "n_calib": a.n_calib if calibrated else 0,
                "windows": a.windows}
         left = a.budget - (time.monotonic() - t_start)
-        if left < 10 or (share and left - a.reserve < 5):
+        if left < 20 or (share and left - a.reserve < 5):
             rec["skipped"] = f"skipped: {left:.0f} s of the budget left"
         else:
             opts = dict(opts)
@@ -160,6 +163,8 @@ def main(argv=None):
                 cap = max(left - a.reserve, 5.0) * share / shares_left
                 if method == "omniquant" or opts.get("lkd"):
                     opts.update(epochs=a.epochs, train_batch=a.train_batch, max_seconds=round(cap, 1))
+                    if method == "omniquant":
+                        opts.update(lwc_lr=a.lwc_lr, let_lr=a.let_lr)
                     if method == "zeroquant":
                         opts.update(epochs=min(a.epochs, 5.0), lr=5e-5)
             shares_left -= share
