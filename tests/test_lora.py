@@ -114,11 +114,12 @@ def test_bad_inputs_are_named():
         apply_lora(packed, "lora-in-quantizer")
 
 
-def test_bnb_mode_gated_with_clear_error():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the gate does not fire")
-    from qft.train.lora import require_bnb
-    with pytest.raises(RuntimeError, match="bnb-nf4"):
+def test_bnb_mode_without_bitsandbytes_says_what_to_install(monkeypatch):
+    import importlib.util
+    from qft.train.bnb import require_bnb
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(RuntimeError, match="bnb-nf4.*pip install bitsandbytes"):
         require_bnb()
 
 

@@ -21,8 +21,8 @@ Two modes (``LORA_MODES``), both plain peft LoRA layers registered for ``QuantLi
 
 Activation fake quant (``spec.act_bits``) applies to the input of both branches, so the merged
 layer computes what was trained. LoRA dropout is applied in ``qlora`` only (the weight-space
-formulation of lora-in-quantizer has no per-input dropout). A bitsandbytes NF4 baseline
-(``bnb-nf4``, peft's own QLoRA path) needs bitsandbytes and CUDA: :func:`require_bnb` says so.
+formulation of lora-in-quantizer has no per-input dropout). The bitsandbytes NF4 baseline
+(``bnb-nf4``, peft's own QLoRA path over ``bitsandbytes.nn.Linear4bit``) lives in :mod:`qft.train.bnb`.
 """
 
 from __future__ import annotations
@@ -326,30 +326,20 @@ def _quantizer_cls(qparams: str):
     return type(f"QuantizerLoraLinear_{qparams}", (QuantizerLoraLinear,), {"qparams_mode": qparams})
 
 
-def require_bnb() -> None:
-    """Raise a clear error unless bitsandbytes and a CUDA device are present (the bnb-nf4 baseline)."""
-    import importlib.util
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("lora mode 'bnb-nf4' needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
-    if not torch.cuda.is_available():
-        raise RuntimeError("lora mode 'bnb-nf4' needs a CUDA GPU (bitsandbytes has no CPU 4-bit path here); "
-                           "use mode 'qlora' or 'lora-in-quantizer' on CPU")
-
-
 def apply_lora(model: nn.Module, mode: str = "lora-in-quantizer", r: int = 16, alpha: float = 32.0,
                dropout: float = 0.0, target_modules: list[str] | None = None, qparams: str = "dynamic",
                init: str | bool = True):
     """Wrap a model whose linears are QuantLinear (``qft.nn.quantize_model``) with peft LoRA.
 
-    ``mode='qlora'`` packs the targeted bases first. Returns the ``PeftModel``; only adapter
+    ``mode='qlora'`` packs the targeted bases first; ``mode='bnb-nf4'`` expects a model from
+    :func:`qft.train.bnb.nf4_student` instead. Returns the ``PeftModel``; only adapter
     weights (and ``lwc`` clip factors) are trainable.
     """
     if mode not in LORA_MODES:
         raise ValueError(f"lora mode={mode!r} is not valid; allowed: {', '.join(LORA_MODES)}")
-    if mode == "bnb-nf4":
-        require_bnb()
-        raise ValueError("mode 'bnb-nf4' starts from a float model loaded with BitsAndBytesConfig; "
-                         "use qft.train.lora.apply_bnb_lora(model_path, ...) instead")
+    if mode == "bnb-nf4":  # the base is bitsandbytes NF4 (qft.train.bnb.nf4_student), not QuantLinear
+        from qft.train.bnb import apply_bnb_lora
+        return apply_bnb_lora(model, r, alpha, dropout, target_modules)
     if mode == "full":
         from qft.train.full import apply_full_qat
         return apply_full_qat(model)
@@ -392,20 +382,6 @@ def merge_lora(peft_model) -> nn.Module:
             m.dynamic = False
         return peft_model
     return peft_model.merge_and_unload()
-
-
-def apply_bnb_lora(model_path: str, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-                   target_modules: list[str] | None = None):
-    """Baseline: peft's own QLoRA over a bitsandbytes NF4 base (CUDA only)."""
-    require_bnb()
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, device_map={"": 0})
-    model = prepare_model_for_kbit_training(model)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                     target_modules=target_modules or "all-linear")
-    return get_peft_model(model, cfg)
 
 
 def lora_summary(model: nn.Module) -> dict:

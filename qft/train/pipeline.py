@@ -107,6 +107,9 @@ def calibration(recipe: Recipe, ds, tok) -> torch.Tensor | None:
 
 def quantized_student(recipe: Recipe, teacher, calib, method: str | None = None):
     from qft.ptq import run as run_ptq
+    if method is None and recipe.lora.mode == "bnb-nf4":  # the baseline's base: bitsandbytes NF4, no PTQ
+        from qft.train.bnb import nf4_student
+        return nf4_student(teacher, recipe.quant)
     method = method or recipe.ptq.method
     student = copy.deepcopy(teacher)
     return run_ptq(method, student, recipe.quant, calib=calib, **(recipe.ptq.options if method == recipe.ptq.method else {}))
@@ -173,10 +176,20 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         from qft.train.args import RecipeError
         raise RecipeError(f"time_budget_s={recipe.time_budget_s} runs on one process (the timing probe is not "
                           f"distributed); under accelerate launch set max_steps instead")
-    if distributed and L.mode == "full":
+    if distributed and L.mode in ("full", "bnb-nf4"):
         from qft.train.args import RecipeError
-        raise RecipeError("lora.mode='full' runs on one process (its checkpoint is the whole model, not an adapter); "
-                          "allowed under accelerate launch: lora-in-quantizer | qlora")
+        raise RecipeError(f"lora.mode={L.mode!r} runs on one process; allowed under accelerate launch: "
+                          f"lora-in-quantizer | qlora")
+    if L.mode == "bnb-nf4":
+        from qft.train.args import RecipeError
+        from qft.train.bnb import check_spec, require_bnb
+        try:
+            require_bnb()
+            check_spec(spec)
+        except (RuntimeError, ValueError) as e:
+            raise RecipeError(str(e)) from None
+        _log("lora.mode=bnb-nf4: the base is bitsandbytes NF4 (block size quant.group_size); the ptq block is not "
+             "used and the merged model is evaluated, not exported (NF4 is not a qft format)")
 
     if "tensorboard" in (targs.report_to or []):
         import os
@@ -200,7 +213,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     timings: dict = {}
 
     t0 = time.time()
-    calib = calibration(recipe, ds, tok)
+    calib = None if L.mode == "bnb-nf4" else calibration(recipe, ds, tok)
     student = quantized_student(recipe, teacher, calib)
     timings["init_s"] = time.time() - t0
     _log(f"student: {spec.name} by {recipe.ptq.method} in {timings['init_s']:.1f}s")
@@ -300,7 +313,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         gens[p] = generate(merged, tok, p, max_new_tokens=32)
         _log(f"generate: {p!r} -> {gens[p]!r}")
     report["generations"] = gens
-    if recipe.export.enabled:
+    if recipe.export.enabled and L.mode != "bnb-nf4":
         from qft.export import save
         path = save(merged, out / "model", tokenizer=tok, format=recipe.export.format, overwrite=True,
                     report={k: report[k] for k in ("results", "merge", "protocol", "spec", "timings")})

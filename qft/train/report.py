@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +33,13 @@ def layer_errors(teacher: torch.nn.Module, student: torch.nn.Module) -> dict[str
         w = t.weight.detach().float()
         wq = q.dequantize(torch.float32).to(w.device)
         out[name] = float((wq - w).norm() / w.norm().clamp_min(1e-12))
+    if "bitsandbytes" in sys.modules:  # the bnb-nf4 baseline's Linear4bit layers
+        from qft.train.bnb import nf4_linears, nf4_weight
+        for name, q in nf4_linears(student):
+            t = ref.get(name.replace(".base_layer", ""))
+            if t is not None and hasattr(t, "weight"):
+                w = t.weight.detach().float()
+                out[name.replace(".base_layer", "")] = float((nf4_weight(q).to(w.device) - w).norm() / w.norm().clamp_min(1e-12))
     return out
 
 
