@@ -10,9 +10,9 @@ Every row: perplexity on wikitext-2 test and tinyshakespeare (default protocol: 
 windows, no BOS), KL(FP || quantized) per token on both, the seconds it took to quantize.
 Calibration: --n-calib x 512-token windows of wikitext-2 valid.txt, the same windows for every
 method. Each row is appended to <out>/rows.jsonl as soon as it is measured, and the table is
-printed at the end (and rebuilt from rows.jsonl by --table-only).
+printed at the end and written to <out>/table.md (--table-only rebuilds it from rows.jsonl).
 
-    python benchmarks/bench_omniquant_gpu.py --out out/omni_gpu                     # CUDA, full run
+    TQDM_DISABLE=1 python benchmarks/bench_omniquant_gpu.py --out out/omni_gpu      # CUDA, full run
     python benchmarks/bench_omniquant_gpu.py --device cpu --n-calib 2 --epochs 1 --windows 2  # smoke test
 
 OmniQuant / ZeroQuant-LKD training is capped in wall-clock time (``max_seconds``, a share of the
@@ -205,9 +205,10 @@ def main(argv=None):
             print(f"[{rec['elapsed_s']:6.1f} s] {r:24s} {rec.get('error') or rec.get('skipped')}", flush=True)
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(f"\nSmolLM2-135M on {name}; {proto.describe()}; calibration {a.n_calib} x 512 tokens of wikitext-2 "
-          f"valid.txt; KL(FP || quantized) per token; total {time.monotonic() - t_start:.0f} s\n")
-    print(table(recs))
+    text = (f"SmolLM2-135M on {name}; {proto.describe()}; calibration {a.n_calib} x 512 tokens of wikitext-2 "
+            f"valid.txt; KL(FP || quantized) per token; total {time.monotonic() - t_start:.0f} s\n\n{table(recs)}\n")
+    (out / "table.md").write_text(text)
+    print("\n" + text)
 
 
 if __name__ == "__main__":
