@@ -141,8 +141,8 @@ def main(argv=None):
         model.config.num_hidden_layers = a.max_layers
     data = Path(a.data)
     proto = EvalProtocol(n_windows=a.windows)
-    evals = {c: windows_from_text(tok, read_text(p), proto, source=c) for c, p in
-             (("wikitext-2", data / "wikitext-2" / "test.txt"), ("tinyshakespeare", data / "tinyshakespeare" / "input.txt"))}
+    corpora = {"wikitext-2": data / "wikitext-2" / "test.txt", "tinyshakespeare": data / "tinyshakespeare" / "input.txt"}
+    evals = {c: windows_from_text(tok, read_text(p), proto, source=c) for c, p in corpora.items()}
     calib = calib_windows(tok, data / "wikitext-2" / "valid.txt", n=a.n_calib, seq_len=512)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU, {a.threads} thread(s)"
     print(f"device: {name}; {proto.describe()}; calibration {a.n_calib} x 512 tokens of wikitext-2 valid.txt; "
@@ -152,8 +152,8 @@ def main(argv=None):
     recs = []
     for r in a.rows:
         setting, method, fields, opts, calibrated, share = ROWS[r]
-        rec = {"row": r, "setting": setting, "method": method, "device": name, "n_calib": a.n_calib if calibrated else 0,
-               "windows": a.windows}
+        rec = {"row": r, "setting": setting, "method": method, "device": name,
+               "n_calib": a.n_calib if calibrated else 0, "windows": a.windows}
         left = a.budget - (time.monotonic() - t_start)
         if left < 20 or (share and left - a.reserve < 5):
             rec["skipped"] = f"skipped: {left:.0f} s of the budget left"

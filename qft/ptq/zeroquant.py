@@ -162,7 +162,9 @@ def zeroquant(model: nn.Module, spec: "QuantSpec | str" = "w4a8", calib: torch.T
         before = _mse(ctx, targets)
         if steps:
             t0 = time.monotonic()
-            deadline = t0 + max(cfg.max_seconds - clock["spent"], 0.0) / (n_blocks - ctx.index) if cfg.max_seconds else None
+            deadline = None
+            if cfg.max_seconds:
+                deadline = t0 + max(cfg.max_seconds - clock["spent"], 0.0) / (n_blocks - ctx.index)
             losses = train_block(ctx.block, [q.weight for q in qls], ctx.inputs, ctx.kwargs, targets, steps, cfg.lr,
                                  cfg.train_batch, cfg.seed + ctx.index, desc=f"zeroquant lkd {ctx.name}",
                                  deadline=deadline)
