@@ -146,9 +146,9 @@ def bench(mode, a):
             _sync(a.device)
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        if a.profile == mode and cuda:
+        if cuda and mode in (a.profile or []):
             try:
-                profile(step, a.profile_rows)
+                profile(step, a.profile_rows, mode)
             except Exception as e:  # the profiler is a diagnostic: never lose the timing for it
                 print(f"(profile failed: {type(e).__name__}: {e})")
         del m, opt
@@ -158,19 +158,24 @@ def bench(mode, a):
     return statistics.median(times) * 1000, peak, model_gib
 
 
-def profile(step, rows):
+def profile(step, rows, mode):
+    """One step under torch.profiler: CUDA kernel time (kernel events only) against the wall time,
+    so a CPU-bound step shows (kernel time well under the step time), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile as prof
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         step()
         torch.cuda.synchronize()
-    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
-    tot = sum(getattr(e, "self_device_time_total", 0) for e in ev) or 1
-    print(f"\nprofile of one step: {tot / 1e3:.1f} ms of CUDA kernel time; top {rows} kernels")
+    wall = (time.perf_counter() - t0) * 1e3
+    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA"]
+    tot = sum(e.self_device_time_total for e in ev) / 1e3
+    print(f"\nprofile {mode}: {tot:.1f} ms of CUDA kernels in a {wall:.1f} ms step (under the profiler); top {rows}")
     print("| kernel | calls | ms | % |")
     print("|---|---|---|---|")
-    for e in sorted(ev, key=lambda e: -getattr(e, "self_device_time_total", 0))[:rows]:
-        t = getattr(e, "self_device_time_total", 0)
-        print(f"| {e.key[:90]} | {e.count} | {t / 1e3:.2f} | {100 * t / tot:.1f} |")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:rows]:
+        t = e.self_device_time_total / 1e3
+        print(f"| {e.key[:80]} | {e.count} | {t:.2f} | {100 * t / max(tot, 1e-9):.1f} |")
     print()
 
 
@@ -195,8 +200,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (every mode)")
     ap.add_argument("--modes", nargs="*", default=["bf16-lora", "qlora", "bnb-nf4"], help=f"of {MODES}")
-    ap.add_argument("--profile", default=None, help="print the top CUDA kernels of one step of this mode")
-    ap.add_argument("--profile-rows", type=int, default=14)
+    ap.add_argument("--profile", nargs="*", default=None, help="print the top CUDA kernels of one step of these modes")
+    ap.add_argument("--profile-rows", type=int, default=8)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
@@ -212,6 +217,7 @@ def main():
     print("| mode | step ms | x bf16-lora | peak GiB | x bf16-lora | model GiB |")
     print("|---|---|---|---|---|---|", flush=True)
     base = None
+    rows = []
     for mode in a.modes:
         try:
             ms, gib, model_gib = bench(mode, a)
@@ -221,8 +227,17 @@ def main():
             continue
         if mode == "bf16-lora":
             base = (ms, gib)
+        rows.append((mode, ms, gib, model_gib))
         b = base or (ms, gib)
         print(f"| {mode} | {ms:.1f} | {ms / b[0]:.2f} | {gib:.2f} | {gib / b[1]:.2f} | {model_gib:.2f} |", flush=True)
+    if base is not None and len(rows) > 1:
+        bases = [r for r in rows if r[0] == "bf16-lora"]
+        b = (statistics.mean(r[1] for r in bases), statistics.mean(r[2] for r in bases))
+        print(f"\nratios against bf16-lora (mean of its {len(bases)} run(s) in this process):")
+        print("| mode | step ms | x bf16-lora | peak GiB | x bf16-lora | model GiB |")
+        print("|---|---|---|---|---|---|")
+        for mode, ms, gib, model_gib in rows:
+            print(f"| {mode} | {ms:.1f} | {ms / b[0]:.2f} | {gib:.2f} | {gib / b[1]:.2f} | {model_gib:.2f} |")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,46 @@ def _wq_backward(ctx, gy):
 wq_linear.register_autograd(_wq_backward, setup_context=_wq_setup)
 
 
+class _WQLinearEager(torch.autograd.Function):
+    """Eager twin of ``wq_linear``: the same kernels and backward, without the custom-op dispatch.
+
+    Measured on this repo's CPU with the kernels stubbed out: the custom-op route (Python
+    dispatcher, autograd wrapper, ``backend_impl``) costs ~260 us of Python per forward + backward
+    of one layer, which a qlora training step pays for every linear of every layer (the H100 runs
+    of ``benchmarks/qat_lora_speed.py`` were CPU-bound). ``kernels.qlinear`` takes this route in
+    eager mode and the custom op under ``torch.compile`` (which needs its fake implementation). The
+    kernel-ready struct from the forward is kept on ``ctx`` (references to the frozen tensors, no
+    copy), so the backward neither looks it up again nor saves a dense weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, bits, group_size, in_features, bias):
+        from . import wq_triton
+
+        _check_device(x)
+        p = prepared(qweight, scales, zeros, bits, group_size, in_features, x.dtype)
+        b = None if bias is None else bias.to(x.dtype).contiguous()
+        y = wq_triton.linear(_flat(x), p, b)
+        ctx.p, ctx.xdt, ctx.has_bias = p, x.dtype, bias is not None
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        from . import wq_triton
+
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            p = ctx.p
+            gx = wq_triton.grad_input(_flat(gy.to(ctx.xdt)), p).reshape(*gy.shape[:-1], p.in_features)
+        if ctx.has_bias and ctx.needs_input_grad[7]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, None, None, None, None, None, None, gb
+
+
+def wq_linear_eager(x, qweight, scales, zeros, bits, group_size, in_features, bias=None):
+    return _WQLinearEager.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+
+
 @torch.library.custom_op("qft::wq_dequant", mutates_args=())
 def wq_dequant(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int,
                in_features: int, dtype: torch.dtype) -> Tensor:
