@@ -11,7 +11,9 @@ of a LlamaForCausalLM with hidden 4096, intermediate 11008, 32 heads, vocab 3200
 * ``qlora``: packed QuantLinear base (w{bits} g{group}), qft kernels; forward and the input gradient
   dX = dY deq(W) each pick dequantize-then-cuBLAS or a fused kernel by timing once per shape.
 * ``qlora-fused-bwd``: as ``qlora`` with the backward forced onto the fused in-loop-dequant kernel
-  (the path before this benchmark's revision; for the before/after).
+  (the backward before this benchmark's revision; for the before/after).
+* ``qlora-custom-op``: as ``qlora`` but every eager call goes through the ``torch.ops.qft.wq_linear``
+  custom op (the dispatch before this revision) instead of ``ops._WQLinearEager``.
 * ``bnb-nf4``: peft's QLoRA path over bitsandbytes ``Linear4bit`` (nf4, double-quantized absmax,
   blocksize 64, bf16 compute), the linears replaced in place (what ``load_in_4bit`` builds).
 * ``lora-in-quantizer``: float bf16 base, Q(W0 + s B A) with STE.
@@ -33,7 +35,7 @@ import time
 
 import torch
 
-MODES = ("bf16-lora", "qlora", "qlora-fused-bwd", "bnb-nf4", "lora-in-quantizer")
+MODES = ("bf16-lora", "qlora", "qlora-fused-bwd", "qlora-custom-op", "bnb-nf4", "lora-in-quantizer")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -96,15 +98,18 @@ def make(mode, a):
 
 @contextlib.contextmanager
 def mode_overrides(mode):
-    from qft.kernels import wq_triton as W
+    from qft.kernels import ops, wq_triton as W
     saved = dict(W.OVERRIDE)
     if mode == "qlora-fused-bwd":
         W.OVERRIDE["grad_input"] = "fused"
+    if mode == "qlora-custom-op":
+        ops.EAGER_AUTOGRAD = False
     try:
         yield
     finally:
         W.OVERRIDE.clear()
         W.OVERRIDE.update(saved)
+        ops.EAGER_AUTOGRAD = True
 
 
 def _sync(dev):

@@ -95,7 +95,7 @@ def qlinear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None)
                          f"needs {packed_cols(in_features, bits)}")
     if backend(x.device) == "torch" or not _triton_wq_ok(gs, in_features):
         return reference.qlinear(x, qweight, scales, zeros, bits, gs, in_features, bias)
-    if not torch.compiler.is_compiling():  # eager: the same kernels without custom-op dispatch cost
+    if ops.EAGER_AUTOGRAD and not torch.compiler.is_compiling():  # eager: same kernels, no custom-op dispatch cost
         return ops.wq_linear_eager(x, qweight, scales, zeros, bits, gs, in_features, bias)
     return ops.wq_linear(x, qweight, scales, zeros, bits, gs, in_features, bias)
 

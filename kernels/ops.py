@@ -181,6 +181,9 @@ class _WQLinearEager(torch.autograd.Function):
         return gx, None, None, None, None, None, None, gb
 
 
+EAGER_AUTOGRAD = True  # kernels.qlinear in eager mode: _WQLinearEager (False: always the custom op)
+
+
 def wq_linear_eager(x, qweight, scales, zeros, bits, group_size, in_features, bias=None):
     return _WQLinearEager.apply(x, qweight, scales, zeros, bits, group_size, in_features, bias)
 

@@ -204,3 +204,29 @@ def test_tc2_paired_decode(m, n, k, gs, dtype, cfg):
     out = T2.linear(x, p.qweight, p.scales, p.zeros, gs, n, b, sms=4, **cfg)
     assert out.dtype == dtype and out.shape == (m, n)
     assert rel(out, R.qlinear(x.float(), qw, s, z, 4, gs, k, b.float())) <= 1e-2
+
+
+def test_eager_autograd_matches_custom_op():
+    """kernels.qlinear's eager route (ops._WQLinearEager) and the custom op give the same output and
+    gradients (x and bias) on the same kernels."""
+    from qft.kernels import ops
+
+    qw, s, z = make_qweight(40, 128, 4, 64, seed=2)
+    gy = torch.randn(2, 50, 40, dtype=torch.bfloat16, device=DEV)
+    res = []
+    for eager in (True, False):
+        ops.EAGER_AUTOGRAD = eager
+        try:
+            x = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(0)).to(DEV, torch.bfloat16)
+            x.requires_grad_()
+            b = torch.linspace(-1, 1, 40, dtype=torch.bfloat16, device=DEV).requires_grad_()
+            y = K.qlinear(x, qw, s, z, 4, 64, 128, b)
+            y.backward(gy)
+            res.append((y.detach(), x.grad, b.grad, type(y.grad_fn).__name__))
+        finally:
+            ops.EAGER_AUTOGRAD = True
+    (y1, gx1, gb1, fn1), (y2, gx2, gb2, fn2) = res
+    assert "WQLinearEager" in fn1 and "WQLinearEager" not in fn2
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2) and torch.equal(gb1, gb2)
+    xr = torch.randn(2, 50, 128, generator=torch.Generator().manual_seed(0)).to(DEV, torch.bfloat16).float()
+    assert rel(y1, R.qlinear(xr, qw, s, z, 4, 64, 128, b.detach().float())) <= 1e-2
