@@ -50,6 +50,7 @@ def main():
         Hs, damp = scaled_hessian(H, s, 0.01, True)
         return gptq_quantize(Ws, Hs, b, gs, sym, damp, clip_grid=20).w_q
 
+    @torch.no_grad()
     def process(ctx):
         if ctx.index not in a.blocks:
             return

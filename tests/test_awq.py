@@ -209,3 +209,13 @@ def test_attn_error_measures_the_attention_output_and_restores_weights(calib):
     Wv[-block.self_attn.v_proj.out_features:] *= 1.1  # v errors reach the output linearly
     assert err(Wv) > 0 and err(Q.qdq_weight(W, 2, 32)) > 0
     assert torch.equal(torch.cat([block.get_submodule(n).weight.data for n in lins]), W)
+
+
+def test_method_defaults():
+    from qft.ptq.awq import _split_options
+    a, g = _split_options("awq", {}, with_gptq=False)
+    assert (a.objective, a.search_quant, a.clip_method, a.grid, g) == ("block", "final", "asym", 20, None)
+    a, g = _split_options("awq_gptq", {}, with_gptq=True)
+    assert (a.objective, a.search_quant, a.clip_method, a.grid) == ("hessian", "final", "asym", 10)
+    a, _ = _split_options("awq_gptq", {"objective": "tokens", "grid": 20, "search_quant": "rtn"}, with_gptq=True)
+    assert (a.objective, a.grid, a.search_quant) == ("tokens", 20, "rtn")  # the earlier behaviour, on request

@@ -18,26 +18,28 @@ s = mean|x|^alpha / mean|w~|^(1 - alpha), where w~ is |W| normalized by its grou
 columns that are already small relative to their group get a larger scale); both families are
 candidates and the output error picks (``duo=False``: the paper's activation-only grid).
 
-Then the clipping search: per output row and group, shrink the min-max range by r in
-(1 - max_shrink, 1] (``clip_grid`` steps) and keep the r with the least output error
-sum_t (x_g . (w_g - q_g))^2 on the sampled tokens.
+Then the clipping search, per output row and group: ``clip_method="awq"`` (the paper) shrinks the
+min-max range by one ratio r in [1 - max_shrink, 1] (``clip_grid`` steps) with the least output
+error sum_t (x_g . (w_g - q_g))^2 on sampled tokens; ``clip_method="asym"`` (default; BitDistiller)
+shrinks the max and the min separately, on the group blocks of the Hessian (all calibration tokens).
 
 "awq_gptq" composes it with GPTQ: scales found and folded as above, then GPTQ quantizes the scaled
 weights with the Hessian of the scaled inputs, H / (s s^T) (no second calibration pass), using the
 clip-searched grid as static group parameters when ``clip`` is on.
 
-Options beyond the paper (all measured in docs/ptq_gptq_awq.md): ``objective="hessian"`` scores a
-scale candidate by the linears' output error on all calibration tokens (tr(D H D^T)) instead of
-sampled tokens; ``search_quant="final"`` scores it after the method's own quantizer (clip search
-+ RTN, or GPTQ against H / (s s^T)), so with alpha = 0 among the candidates each layer's error
-is at most the quantizer's alone; ``clip_method="asym"`` is BitDistiller's clip (separate max/min
-shrink per group on the Hessian's group blocks) instead of AWQ's joint shrink on sampled tokens.
-The searches themselves are in :mod:`qft.ptq.awq_search`.
+Scale-search options beyond the paper (measured in docs/ptq_gptq_awq.md, where the defaults come
+from): ``search_quant="final"`` (default) scores a candidate after the method's own quantizer
+(clip search + RTN, or GPTQ against H / (s s^T)) instead of plain min-max RTN, so with alpha = 0
+among the candidates each layer's error is at most the quantizer's alone; ``objective`` is the
+error scored: "block" (default for awq: the attention output for q/k/v on ``block_windows``
+windows, as AutoAWQ's module2inspect; the MLP output for gate/up on ``n_tokens`` sampled rows;
+o/down: as "hessian"), "hessian" (default for awq_gptq, grid 10: each linear's output error on all
+calibration tokens, tr(D H D^T)) or "tokens" (the earlier behaviour: q/k/v outputs, MLP output
+for gate/up, on sampled rows). The searches themselves are in :mod:`qft.ptq.awq_search`.
 
-Simplified: the scale search for q/k/v measures the error of the q/k/v outputs (not of the whole
-attention, which needs full sequences); gate/up use the MLP output (``objective="tokens"``); every
-token-based search runs on ``n_tokens`` sampled rows (per block, from the inputs the quantized
-model really produces).
+Simplified: the attention-output error keeps o_proj in float and uses the first whole batches of
+calibration windows; every token-based search runs on ``n_tokens`` sampled rows (per block, from
+the inputs the quantized model really produces); o_proj / down_proj see the float block's inputs.
 """
 
 from __future__ import annotations
@@ -61,30 +63,32 @@ __all__ = ["AWQConfig", "search_scale", "search_clip", "weight_mean", "awq_block
 
 @dataclass
 class AWQConfig:
-    grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search"})
+    grid: int = field(default=20, metadata={"help": "alpha grid points in [0, 1) for the scale search "
+                                                    "(awq_gptq's default: 10)"})
     duo: bool = field(default=False, metadata={
         "help": "also try AutoAWQ's duo scales mean|x|^a / mean|w/groupmax|^(1-a) (the error picks)"})
     damp_unscaled: bool = field(default=True, metadata={
         "help": "awq_gptq: dampen the Hessian before dividing it by s s^T (as plain GPTQ dampens) "
                 "instead of by the scaled Hessian's mean diagonal"})
-    objective: str = field(default="tokens", metadata={
+    objective: str = field(default="block", metadata={
         "help": "scale search error: 'tokens' (linear/MLP outputs on n_tokens sampled rows), 'hessian' "
                 "(the linears' outputs on all calibration tokens, tr(D H D^T)) or 'block' (q/k/v: the attention "
-                "output on block_windows windows; gate/up: the MLP output on sampled rows; o/down: 'hessian')"})
+                "output on block_windows windows; gate/up: the MLP output on sampled rows; o/down: 'hessian'); "
+                "awq_gptq's default: 'hessian'"})
     block_windows: int = field(default=8, metadata={"help": "objective='block': calibration windows (whole "
                                                             "batches) for the attention-output error"})
-    search_quant: str = field(default="rtn", metadata={
+    search_quant: str = field(default="final", metadata={
         "help": "quantizer inside the scale search: 'rtn' (min-max, the paper) or 'final' (the method's own: "
                 "clip search + RTN, or GPTQ for awq_gptq)"})
     clip: bool = field(default=True, metadata={"help": "search per-group clipping ratios after scaling"})
-    clip_method: str = field(default="awq", metadata={
+    clip_method: str = field(default="asym", metadata={
         "help": "'awq' (one shrink ratio per group on clip_tokens sampled rows) or 'asym' (BitDistiller: "
                 "separate max/min shrink on the Hessian's group blocks, all calibration tokens)"})
     clip_rounds: int = field(default=1, metadata={"help": "clip_method='asym': coordinate passes (max | min)"})
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
     n_tokens: int = field(default=2048, metadata={"help": "calibration tokens sampled per input for the scale search"})
-    clip_tokens: int = field(default=512, metadata={"help": "of those, tokens used by the clip search"})
+    clip_tokens: int = field(default=512, metadata={"help": "clip_method='awq': of those, tokens used by the clip search"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
@@ -233,13 +237,19 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
         ctx.replace(n, make_quant_linear(lin, spec, f"{ctx.name}.{n}", _qdq(W, spec.bits, gs, spec.symmetric, s, z), s, z))
 
 
+GPTQ_DEFAULTS = {"objective": "hessian", "grid": 10}  # awq_gptq's defaults that differ from awq's
+
+
 def _split_options(method, options, with_gptq):
     awq_keys = {f.name for f in fields(AWQConfig)}
     gptq_keys = {f.name for f in fields(GPTQConfig)} - {"batch_size", "device"} if with_gptq else set()
     bad = sorted(set(options) - awq_keys - gptq_keys)
     if bad:
         raise ValueError(f"{method}: unknown option(s) {bad}; allowed: {sorted(awq_keys | gptq_keys)}")
-    a = AWQConfig(**{k: v for k, v in options.items() if k in awq_keys})
+    given = {k: v for k, v in options.items() if k in awq_keys}
+    if with_gptq:  # measured best for AWQ then GPTQ (docs/ptq_gptq_awq.md): GPTQ in the search is costlier
+        given = {**GPTQ_DEFAULTS, **given}
+    a = AWQConfig(**given)
     g = GPTQConfig(**{k: v for k, v in options.items() if k in gptq_keys}) if with_gptq else None
     return a, g
 
