@@ -39,14 +39,14 @@ __all__ = ["ZeroQuantConfig", "zeroquant", "train_block", "block_forward", "mini
 @dataclass
 class ZeroQuantConfig:
     lkd: bool = field(default=False, metadata={"help": "layer-by-layer distillation of each quantized block"})
-    steps: int = field(default=20, metadata={"help": "LKD Adam steps per block (unless epochs is set)"})
+    steps: int = field(default=32, metadata={"help": "LKD Adam steps per block (unless epochs is set)"})
     epochs: float = field(default=0.0, metadata={
         "help": "LKD passes over the calibration windows per block; > 0 overrides steps with "
                 "ceil(epochs * n_windows / train_batch)"})
     max_seconds: float = field(default=0.0, metadata={
         "help": "wall-clock cap on the LKD training of all blocks together (0 = none), shared out over the blocks"})
-    lr: float = field(default=5e-5, metadata={"help": "LKD learning rate for the latent weights"})
-    train_batch: int = field(default=2, metadata={"help": "calibration windows per LKD step"})
+    lr: float = field(default=1e-4, metadata={"help": "LKD learning rate for the latent weights"})
+    train_batch: int = field(default=1, metadata={"help": "calibration windows per LKD step"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward when capturing"})
     seed: int = field(default=0, metadata={"help": "minibatch order"})
 
