@@ -62,14 +62,15 @@ def main():
             tie = None
             if kind == "v_o":
                 n_kv, rep, hd = _gqa_layout(ctx.block, prev, lins[0])
-                tie = lambda s: s.view(n_kv, rep, hd).mean(1, keepdim=True).expand(n_kv, rep, hd).reshape(-1)  # noqa: E731
+                def tie(s, n_kv=n_kv, rep=rep, hd=hd):
+                    return s.view(n_kv, rep, hd).mean(1, keepdim=True).expand(n_kv, rep, hd).reshape(-1)
 
             def err(Wq):
                 return hessian_error(W, Wq, H)
             ref = float(((W @ H) * W).sum())
 
             def search(quant, grid=20):
-                s, alpha, loss = search_scale(None, st.mean_abs, W, b, gs, sym, grid, tie=tie, quantize=quant, error=err)
+                s, alpha, _ = search_scale(None, st.mean_abs, W, b, gs, sym, grid, tie=tie, quantize=quant, error=err)
                 return s, alpha
             s_rtn, al_rtn = search(None)
             s_fin, al_fin = search(lambda Ws, s: clip_rtn(Ws, H / torch.outer(s, s)))
@@ -89,7 +90,8 @@ def main():
     print("| block | linears | alpha | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
     for i, name, a1, a2, a3, r in rows:
-        print(f"| {i} | {name} | {a1:.2f} / {a2:.2f} / {a3:.2f} | " + " | ".join(f"{1e3 * r[k]:.2f}" for k in keys) + " |")
+        cells = " | ".join(f"{1e3 * r[k]:.2f}" for k in keys)
+        print(f"| {i} | {name} | {a1:.2f} / {a2:.2f} / {a3:.2f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ from torch import nn
 
 from qft.nn import quant as Q
 from qft.ptq.calibrate import BlockContext, make_quant_linear, sequential
-from qft.ptq.awq_search import asym_clip_qparams, attn_error as _attn_error, hessian_error, mlp_forward as _mlp_forward, \
-    qdq as _qdq, scaled_hessian, search_clip, search_scale, weight_mean
+from qft.ptq.awq_search import (asym_clip_qparams, attn_error as _attn_error, hessian_error,
+                                mlp_forward as _mlp_forward, qdq as _qdq, scaled_hessian, search_clip, search_scale,
+                                weight_mean)
 from qft.ptq.gptq import GPTQConfig, check_int_spec, gptq_block, gptq_quantize
 from qft.registry import METHODS
 from qft.spec import resolve_spec
@@ -88,7 +89,8 @@ class AWQConfig:
     clip_grid: int = field(default=20, metadata={"help": "clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink"})
     max_shrink: float = field(default=0.5, metadata={"help": "largest fraction of the range the clip search removes"})
     n_tokens: int = field(default=2048, metadata={"help": "calibration tokens sampled per input for the scale search"})
-    clip_tokens: int = field(default=512, metadata={"help": "clip_method='awq': of those, tokens used by the clip search"})
+    clip_tokens: int = field(default=512, metadata={
+        "help": "clip_method='awq': of those, tokens used by the clip search"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward"})
     device: str | None = field(default=None, metadata={"help": "where each block runs (default: the model's device)"})
 
@@ -234,7 +236,8 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig, then_gptq: GPTQConfig | None = 
         W = lin.weight.float()
         gs = spec.group_for(lin.in_features)
         s, z = qparams.get(n) or Q.minmax_qparams(W, spec.bits, gs, spec.symmetric)
-        ctx.replace(n, make_quant_linear(lin, spec, f"{ctx.name}.{n}", _qdq(W, spec.bits, gs, spec.symmetric, s, z), s, z))
+        w_q = _qdq(W, spec.bits, gs, spec.symmetric, s, z)
+        ctx.replace(n, make_quant_linear(lin, spec, f"{ctx.name}.{n}", w_q, s, z))
 
 
 GPTQ_DEFAULTS = {"objective": "hessian", "grid": 10}  # awq_gptq's defaults that differ from awq's

@@ -35,8 +35,8 @@ import torch
 from qft.nn import quant as Q
 from qft.ptq import clip as C
 
-__all__ = ["mlp_forward", "attn_error", "qdq", "weight_mean", "scale_candidates", "search_scale", "search_clip", "hessian_error",
-           "asym_clip_qparams", "scaled_hessian"]
+__all__ = ["mlp_forward", "attn_error", "qdq", "weight_mean", "scale_candidates", "search_scale", "search_clip",
+           "hessian_error", "asym_clip_qparams", "scaled_hessian"]
 
 
 def qdq(W, bits, gs, symmetric, scale=None, zero=None):
