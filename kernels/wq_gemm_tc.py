@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor
+from .tile_util import grouped_tile, store_tile
 
 
 @triton.jit
@@ -82,17 +83,8 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                UPCAST: tl.constexpr, FP16: tl.constexpr, F32MATH: tl.constexpr):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    # grouped ordering: GROUP_M activation tiles sweep the weight tiles together (L2 reuse of both)
-    width = GROUP_M * num_n
-    gid = pid // width
-    first_m = gid * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_n = (pid % width) // gsz
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     VPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VPW
     rm = pid_m * BM + tl.arange(0, BM)
@@ -119,15 +111,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             acc += tl.dot(xt.to(tl.float32), tl.trans(wd))
         else:
             acc = tl.dot(xt, tl.trans(wd), acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
-    else:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    store_tile(acc, y_ptr, b_ptr, rm, rn, mmask, nmask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -136,15 +120,7 @@ def _tc_bwd_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, Kw, G, GS, stri
                    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, FP16: tl.constexpr):
     """qlora backward dx[BM, BK] = sum over weight rows of gy[BM, BNR] @ deq(W)[BNR, BK]: the decoded
     [BNR, BK] tile is the right operand as it is (rows = reduction), one group per program (BK | GS)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_k = tl.cdiv(K, BK)
-    width = GROUP_M * num_k
-    gid = pid // width
-    first_m = gid * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_k = (pid % width) // gsz
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BM, BK, GROUP_M)  # output tiles [BM, BK] of dx
     VPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VPW
     rm = pid_m * BM + tl.arange(0, BM)

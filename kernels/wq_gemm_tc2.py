@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._util import alloc, interpreting, largest_pow2_divisor
+from .tile_util import grouped_tile, store_tile
 
 
 @triton.jit
@@ -71,16 +72,8 @@ def _tc2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, FP16: tl.constexpr,
                 EVEN: tl.constexpr):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    gid = pid // width
-    first_m = gid * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_n = (pid % width) // gsz
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     BKW: tl.constexpr = BK // 8
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -110,15 +103,7 @@ def _tc2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             acc += tl.dot(xt.to(tl.float32), tl.trans(wd))
         else:
             acc = tl.dot(xt, tl.trans(wd), acc)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
-    else:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    store_tile(acc, y_ptr, b_ptr, rm, rn, mmask, nmask, stride_ym, pid_k, HAS_BIAS, ATOMIC)
 
 
 def permute_x(x2: torch.Tensor) -> torch.Tensor:
