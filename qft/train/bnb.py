@@ -13,6 +13,10 @@ does). NF4 is not one of qft's export formats, so this mode evaluates before and
 does not export. bitsandbytes >= 0.46 runs NF4 (and its 8-bit optimizers) on CPU through its torch
 backend, so the baseline is tested here on a tiny model; on a GPU it uses the CUDA kernels.
 
+On CPU, bitsandbytes' eval-mode repacking of the weight into its AVX512-BF16 inference layout is
+switched off per layer: training after an evaluation computed with the repacked words as if they
+were the plain NF4 layout (the loss climbed, the model collapsed to ppl ~1e7; a test checks it).
+
 Simplified: no double quantization of the absmax scales, no ``prepare_model_for_kbit_training``
 (the teacher is already float; layer norms stay in the model's dtype).
 """
@@ -69,6 +73,10 @@ def nf4_student(teacher: nn.Module, spec, compute_dtype: torch.dtype = torch.flo
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         q = q.to(dev)  # Params4bit quantizes when it is moved to a device
+        # bitsandbytes repacks the weight in place into an inference-only layout the first time a CPU with
+        # AVX512-BF16 runs it in eval mode without grad; a training step after such an eval (the pipeline
+        # evaluates before it trains) then computes with garbage. Keep the one NF4 layout.
+        q.support_avx512bf16_for_cpu = False
         set_module(student, name, q)
     for p in student.parameters():
         p.requires_grad_(False)
