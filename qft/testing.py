@@ -34,3 +34,10 @@ def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. Quantization maps real numbers onto a small grid. "
     "A language model predicts the next token from the ones before it. ") * 40
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64, failing on non-finite output (a poisoned, unwritten element)."""
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten element?)"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import qft.kernels as K
+from qft.testing import rel_error as rel
 from qft.kernels import _util, reference as R
 
 # Triton runs in the CPU interpreter when tests/conftest.py set TRITON_INTERPRET=1 (no CUDA);
@@ -38,10 +39,6 @@ def triton_backend():
         os.environ["QFT_KERNELS"] = old
 
 
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output (unwritten element?)"
-    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
 def make_qweight(n, k, bits, gs, symmetric=False, seed=0):

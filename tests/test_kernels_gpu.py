@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qft.kernels as K
+from qft.testing import rel_error as rel
 from qft.kernels import reference as R
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -24,10 +25,6 @@ def _triton(monkeypatch):
     _util.POISON = False
 
 
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qft.kernels as K
+from qft.testing import rel_error as rel
 from qft.kernels import _util, reference as R
 
 DEV = "cpu" if _util.interpreting() or not torch.cuda.is_available() else "cuda"
@@ -37,10 +38,6 @@ def triton_backend():
         os.environ["QFT_KERNELS"] = old
 
 
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite output (unwritten element?)"
-    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
 def make_qweight(n, k, bits, gs, seed=0):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qft.kernels as K
+from qft.testing import rel_error as rel
 from qft.kernels import reference as R
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -25,10 +26,6 @@ def _triton(monkeypatch):
     _util.POISON = False
 
 
-def rel(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _weights(n, k, bits=4, gs=128, seed=0):
