@@ -266,6 +266,29 @@ def test_time_budget_sets_max_steps_from_a_probe(tmp_path):
         Recipe.from_dict({"probe_steps": 2})
 
 
+def test_time_limit_stops_training_and_the_job_still_exports(tmp_path):
+    from qft.testing import tiny_tokenizer
+    from qft.train.args import Recipe, RecipeError
+    from qft.train.pipeline import run_pipeline
+    mdir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    recipe = Recipe.from_dict({
+        "model": str(mdir), "output_dir": str(tmp_path / "run"), "quant": "w4g64", "time_limit_s": 1e-3,
+        "lora": {"r": 2}, "distill": {"loss": "forward_kl"},
+        "selfgen": {"n": 8, "seq_len": 16, "batch_size": 8}, "export": {"enabled": True},
+        "eval": {"heldout": 2, "heldout_len": 16, "generate": [], "stages": ["before_merge", "after_merge"]},
+        "max_steps": 500, "per_device_train_batch_size": 2, "logging_steps": 1})
+    rep = run_pipeline(recipe)
+    t = rep["timings"]
+    # the first optimizer step crosses a 1 ms cap: training stops there, merge + export + eval still run
+    assert t["train_steps"] == 1 and t["stopped_by_time_limit_at_step"] == 1 and t["planned_steps"] == 500
+    assert (tmp_path / "run" / "model" / "config.json").exists() and "after_merge" in rep["results"]
+    for bad in (-1, True, "10"):
+        with pytest.raises(RecipeError, match="time_limit_s"):
+            Recipe.from_dict({"time_limit_s": bad})
+
+
 def test_override_reads_exponent_numbers():
     d = apply_overrides({}, ["learning_rate=2e-5", "a.b=1E3", "c=x.e5", "d=none", "e=3"])
     assert d == {"learning_rate": 2e-5, "a": {"b": 1000.0}, "c": "x.e5", "d": "none", "e": 3}

@@ -20,7 +20,7 @@ from qft.train.confidence import CONFIDENCE_DEFS
 from qft.train.lora import LORA_MODES, QPARAM_MODES
 
 BLOCKS = ("quant", "lora", "distill", "ptq", "data", "selfgen", "eval", "export")
-TOP_KEYS = ("model", "output_dir", "seed", "time_budget_s", "probe_steps")
+TOP_KEYS = ("model", "output_dir", "seed", "time_budget_s", "probe_steps", "time_limit_s")
 PTQ_INIT = ("rtn", "clip")
 STAGES = ("fp", "rtn", "init", "before_merge", "after_merge")
 
@@ -202,11 +202,15 @@ class Recipe:
     train: dict = field(default_factory=dict)  # flat TrainingArguments keys
     time_budget_s: float = 0.0  # > 0: max_steps from a timing probe so training takes about this long
     probe_steps: int = 8  # optimizer steps of that probe (the first two are warm-up)
+    time_limit_s: float = 0.0  # > 0: hard cap, training stops after the step that crosses it (then merge/export/eval)
 
     def __post_init__(self):
         if not isinstance(self.time_budget_s, (int, float)) or isinstance(self.time_budget_s, bool) \
                 or self.time_budget_s < 0:
             _bad("recipe", "time_budget_s", self.time_budget_s, "seconds of training >= 0 (0 = use max_steps)")
+        if not isinstance(self.time_limit_s, (int, float)) or isinstance(self.time_limit_s, bool) \
+                or self.time_limit_s < 0:
+            _bad("recipe", "time_limit_s", self.time_limit_s, "seconds of training >= 0 (0 = no hard cap)")
         if not _is_int(self.probe_steps, 3):
             _bad("recipe", "probe_steps", self.probe_steps, "an integer >= 3")
 

@@ -6,6 +6,10 @@ and a job never overruns a fixed slot (a cluster reservation, a device lease). T
 ``probe_steps`` optimizer steps on a deep copy of the model with the run's own settings and takes
 the median step time after two warm-up steps; evaluation, export and the probe itself are not
 counted in the budget.
+
+``time_limit_s`` (recipe key) is the hard cap beside it: ``WallClockLimit`` stops training after the
+optimizer step that crosses that many seconds (the probe can be wrong when other jobs share the
+GPU), and the job goes on to merge, export and evaluate what it has.
 """
 
 from __future__ import annotations
@@ -36,6 +40,27 @@ class StepTimer(TrainerCallback):
         if not steady:
             raise RuntimeError("the timing probe ran no optimizer step")
         return steady[len(steady) // 2]
+
+
+class WallClockLimit(TrainerCallback):
+    """Stop training after the optimizer step at which ``limit_s`` seconds of training have passed."""
+
+    def __init__(self, limit_s: float):
+        if not isinstance(limit_s, (int, float)) or isinstance(limit_s, bool) or limit_s <= 0:
+            raise ValueError(f"time_limit_s={limit_s!r} is not valid; allowed: seconds > 0")
+        self.limit_s = float(limit_s)
+        self.hit_at_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if time.perf_counter() - self._t0 >= self.limit_s and self.hit_at_step is None:
+            self.hit_at_step = int(state.global_step)
+            print(f"[qft train] time_limit_s={self.limit_s:.0f} reached at step {state.global_step} of "
+                  f"{state.max_steps}: stopping training", flush=True)
+            control.should_training_stop = True
+        return control
 
 
 def probe_seconds_per_step(model, make_trainer, probe_steps: int) -> float:

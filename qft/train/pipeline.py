@@ -257,15 +257,19 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         timings["probe_seconds_per_step"] = sps
         _log(f"time budget {recipe.time_budget_s:.0f}s: probe {sps:.3f} s/step -> max_steps={steps}")
         targs = recipe.training_arguments(max_steps=steps, **auto)
+    from qft.train.budget import WallClockLimit
+    limit = [WallClockLimit(recipe.time_limit_s)] if recipe.time_limit_s else []
     trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, eval_dataset=eval_ds, data_collator=coll,
-                             teacher=teacher,
-                             distill=recipe.distill)
+                             teacher=teacher, distill=recipe.distill, callbacks=limit)
     if getattr(trainer, "confidence", None) is not None:
         _log(f"CAKLD teacher confidence g = {trainer.confidence:.4f} ({recipe.distill.confidence_def})")
     t0 = time.time()
     train_out = trainer.train(resume_from_checkpoint=resume or None)
     timings["train_s"] = time.time() - t0
     timings["train_steps"] = int(trainer.state.global_step)
+    if limit and limit[0].hit_at_step is not None:
+        timings["stopped_by_time_limit_at_step"] = limit[0].hit_at_step
+        timings["planned_steps"] = int(trainer.state.max_steps)
     adapter_dir = out / "adapter"
     trainer.save_model(str(adapter_dir))
     if not main:
