@@ -155,45 +155,61 @@ def _fp32(device: torch.device):
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
+def _adapted_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W0 + s B A in float32: one GEMM with the scale and the add in its epilogue (addmm). The fused
+    forward, its backward and the merge all build the weight here, so they agree bit for bit."""
+    return torch.addmm(w0.float(), b.float(), a.float(), alpha=scaling)
+
+
+def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int) -> torch.Tensor:
+    """round(w / s) + z per group, unclamped, [N, G, gs] float32 (one new buffer, the rest in place)."""
+    return torch.div(Q.group_view(w, gs), s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1))
+
+
+def _dequant_(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """In place: (clamp(q, 0, 2**bits - 1) - z) * s, flattened back to [N, K]."""
+    n = q.shape[0]
+    return q.clamp_(0, 2 ** bits - 1).sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).reshape(n, -1)
+
+
 def _qdq_mask(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gs: int):
     """(Q(w) [N, K], STE mask [N, K] bool: True where the code was not clamped), integer grid."""
-    n, k = w.shape
-    q = torch.round(Q.group_view(w, gs) / s.unsqueeze(-1)) + z.unsqueeze(-1)
-    maxq = 2 ** bits - 1
-    mask = (q >= 0) & (q <= maxq)
-    wq = (q.clamp(0, maxq) - z.unsqueeze(-1)) * s.unsqueeze(-1)
-    return wq.reshape(n, k), mask.reshape(n, k)
+    q = _codes(w, s, z, gs)
+    mask = (q >= 0).logical_and_(q <= 2 ** bits - 1).reshape(w.shape)
+    return _dequant_(q, s, z, bits), mask
 
 
 class _LoraInQuantizerFn(torch.autograd.Function):
-    """y = x @ Q(W0 + s B A)^T + bias with the STE, saving only x, W0, A, B for backward.
+    """y = x @ Q(W0 + s B A)^T + bias with the STE, saving only x, W0, A, B and the per-group
+    (scale, zero) for backward.
 
-    The quantized weight, its clamp mask and W0 + s B A are recomputed in backward, so memory per
-    layer is that of plain LoRA plus transient [N, K] buffers (autograd through ``fake_quant``
-    would keep an fp32 copy and the mask of every layer until backward)."""
+    The quantized weight and its clamp mask are recomputed in backward from the saved qparams, so
+    memory per layer is that of plain LoRA plus transient [N, K] buffers (autograd through
+    ``fake_quant`` would keep an fp32 copy and the mask of every layer until backward). The
+    arithmetic runs mostly in place on one [N, K] buffer: few full passes over the weight, few
+    kernel launches on a GPU."""
 
     @staticmethod
     def forward(ctx, x, w0, a, b, bias, scaling, bits, gs, qfn):
         with torch.no_grad(), _fp32(x.device):
-            w = w0.float() + scaling * (b.float() @ a.float())
+            w = _adapted_weight(w0, a, b, scaling)
             s, z = qfn(w)
-            wq, _ = _qdq_mask(w, s, z, bits, gs)
-        ctx.save_for_backward(x, w0, a, b)
-        ctx.cfg = (scaling, bits, gs, qfn)
+            wq = _dequant_(_codes(w, s, z, gs), s, z, bits)
+        ctx.save_for_backward(x, w0, a, b, s, z)
+        ctx.cfg = (scaling, bits, gs)
         return nn.functional.linear(x, wq.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        x, w0, a, b = ctx.saved_tensors
-        scaling, bits, gs, qfn = ctx.cfg
+        x, w0, a, b, s, z = ctx.saved_tensors
+        scaling, bits, gs = ctx.cfg
         with _fp32(x.device):
-            w = w0.float() + scaling * (b.float() @ a.float())
-            s, z = qfn(w)
-            wq, mask = _qdq_mask(w, s, z, bits, gs)
+            wq, mask = _qdq_mask(_adapted_weight(w0, a, b, scaling), s, z, bits, gs)
         gx = g @ wq.to(g.dtype)
-        gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float() * mask  # GEMM in x's dtype
-        ga = (scaling * (b.float().t() @ gw)).to(a.dtype)
-        gb = (scaling * (gw @ a.float().t())).to(b.dtype)
+        del wq
+        gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float().mul_(mask)  # GEMM in x's dtype
+        ga = torch.mm(b.float().t(), gw).mul_(scaling).to(a.dtype)
+        gb = torch.mm(gw, a.float().t()).mul_(scaling).to(b.dtype)
         return gx, None, ga, gb, None, None, None, None, None
 
 
@@ -278,6 +294,11 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
 
     def _weight(self) -> torch.Tensor:
         base = self.get_base_layer()
+        fused = None if (self.disable_adapters or self.merged) else self._fused_adapter()
+        if fused is not None:  # the fused forward's own arithmetic, so the merge is bit-exact
+            with _fp32(base.weight.device):
+                return _adapted_weight(base.weight, self.lora_A[fused].weight, self.lora_B[fused].weight,
+                                       self.scaling[fused])
         with _gathered(base.weight):
             w = base.weight.float().clone()
         delta = None if (self.disable_adapters or self.merged) else self._delta()
