@@ -62,6 +62,17 @@ class WallClockLimit(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def report(self, state) -> dict:
+        """What a run records about the cap: {} when it did not bind."""
+        if self.hit_at_step is None:
+            return {}
+        return {"stopped_by_time_limit_at_step": self.hit_at_step, "planned_steps": int(state.max_steps)}
+
+
+def time_limit_callbacks(limit_s: float) -> list:
+    """``[WallClockLimit(limit_s)]`` for a recipe's ``time_limit_s`` > 0, else ``[]``."""
+    return [WallClockLimit(limit_s)] if limit_s else []
+
 
 def probe_seconds_per_step(model, make_trainer, probe_steps: int) -> float:
     """Median seconds per optimizer step of ``make_trainer(copy_of_model, timer)`` run for ``probe_steps``."""

@@ -254,11 +254,7 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         return names[0]
 
     def _delta(self) -> torch.Tensor | None:
-        fused = self._fused_adapter()
-        if fused is not None:  # the same arithmetic as _LoraInQuantizerFn, so the merge is bit-exact
-            a, b = self.lora_A[fused].weight, self.lora_B[fused].weight
-            with _fp32(a.device):
-                return self.scaling[fused] * (b.float() @ a.float())
+        """Sum of s * B A through the adapter modules (the non-fused path; see ``_weight``)."""
         delta = None
         for name in self.active_adapters:
             if name not in self.lora_A:

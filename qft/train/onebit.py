@@ -210,17 +210,18 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
         print(f"[onebit] probe: {sps:.3f} s/step -> max_steps={steps} for {ob.time_budget_s:.0f} s", flush=True)
         targs = recipe.training_arguments(max_steps=steps, **extra)
     opt = make_optimizer(student, targs.learning_rate, ob.latent_lr, targs.weight_decay)
-    from qft.train.budget import WallClockLimit
-    limit = [WallClockLimit(recipe.time_limit_s)] if recipe.time_limit_s else []
+    from qft.train.budget import time_limit_callbacks
+    limit = time_limit_callbacks(recipe.time_limit_s)
     trainer = DistillTrainer(model=student, args=targs, train_dataset=dataset, data_collator=collator,
                              teacher=teacher, distill=recipe.distill, optimizers=(opt, None), callbacks=limit)
     t0 = time.time()
     result = trainer.train()
     report["train"] = {"seconds": round(time.time() - t0, 1), "steps": result.global_step,
-                       "loss": result.training_loss, "planned_steps": int(trainer.state.max_steps),
-                       "stopped_by_time_limit": bool(limit and limit[0].hit_at_step is not None),
+                       "loss": result.training_loss,
                        "tokens": result.global_step * targs.per_device_train_batch_size
                        * targs.gradient_accumulation_steps * targs.world_size * DataConfig.from_dict(recipe.data).seq_len}
+    for cb in limit:
+        report["train"].update(cb.report(trainer.state))
     student = trainer.model
     if "before_merge" in stages:
         report["before_merge"] = _evaluate_all(student, teacher, tok, recipe, "trained", cache)

@@ -257,8 +257,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         timings["probe_seconds_per_step"] = sps
         _log(f"time budget {recipe.time_budget_s:.0f}s: probe {sps:.3f} s/step -> max_steps={steps}")
         targs = recipe.training_arguments(max_steps=steps, **auto)
-    from qft.train.budget import WallClockLimit
-    limit = [WallClockLimit(recipe.time_limit_s)] if recipe.time_limit_s else []
+    from qft.train.budget import time_limit_callbacks
+    limit = time_limit_callbacks(recipe.time_limit_s)
     trainer = DistillTrainer(model=peft_model, args=targs, train_dataset=ds, eval_dataset=eval_ds, data_collator=coll,
                              teacher=teacher, distill=recipe.distill, callbacks=limit)
     if getattr(trainer, "confidence", None) is not None:
@@ -267,9 +267,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     train_out = trainer.train(resume_from_checkpoint=resume or None)
     timings["train_s"] = time.time() - t0
     timings["train_steps"] = int(trainer.state.global_step)
-    if limit and limit[0].hit_at_step is not None:
-        timings["stopped_by_time_limit_at_step"] = limit[0].hit_at_step
-        timings["planned_steps"] = int(trainer.state.max_steps)
+    for cb in limit:
+        timings.update(cb.report(trainer.state))
     adapter_dir = out / "adapter"
     trainer.save_model(str(adapter_dir))
     if not main:
