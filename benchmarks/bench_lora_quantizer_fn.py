@@ -15,7 +15,6 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qft.nn import quant as Q
 from qft.train.lora import _LoraInQuantizerFn
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -35,12 +34,12 @@ for n, k in SHAPES:
     clip = torch.rand(n, k // a.group_size) * 0.2 + 0.8
     layers.append((torch.randn(1, a.tokens, k).requires_grad_(), torch.randn(n, k) * 0.02,
                    (torch.randn(a.rank, k) * 0.01).requires_grad_(), (torch.randn(n, a.rank) * 0.01).requires_grad_(),
-                   lambda w, c=clip: Q.minmax_qparams(w, a.bits, a.group_size, False, c, c)))
+                   (a.bits, a.group_size, False, clip, clip, None, None)))
 
 
 def block():
-    for x, w0, la, lb, qfn in layers:
-        y = _LoraInQuantizerFn.apply(x, w0, la, lb, None, 2.0, a.bits, a.group_size, qfn)
+    for x, w0, la, lb, qcfg in layers:
+        y = _LoraInQuantizerFn.apply(x, w0, la, lb, None, 2.0, qcfg)
         torch.autograd.grad(y.square().sum(), (x, la, lb))
 
 

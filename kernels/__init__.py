@@ -23,6 +23,10 @@ API (every op has a torch reference of the same name in :mod:`qft.kernels.refere
   weight costs twice its packed size on the GPU. ``prepare(...)`` builds it explicitly and
   ``qlinear_prepared(x, p, bias)`` runs on it (through the same per-tensor cache).
 * ``dequant(qweight, scales, zeros, bits, group_size, in_features, dtype=None)``.
+* ``fake_quant_weight(w, bits, group_size, symmetric, clip_max, clip_min, scale, zero, out_dtype)``
+  and ``fake_quant_weight_grad(w, scale, zero, grad_w, bits, group_size, out_dtype)``: QAT's
+  group-wise min-max quantize-dequantize of a float32 weight and its straight-through backward,
+  one kernel each (:mod:`.fakequant_triton`), bit-exact with the torch reference.
 * ``onebit_linear(x, packed_signs, g, h, in_features, bias=None)``: OneBit sign-value layer.
 * ``int8_linear(x, w_int8, w_scales, bias=None)``: W8A8, per-token dynamic int8 activations,
   per-channel int8 weights (``reference.quantize_weight_int8``), int32 accumulation.
@@ -46,6 +50,7 @@ from .kv import KiviCache
 from .reference import pack_int32, packed_cols, unpack_int32, pack_signs, unpack_signs
 
 __all__ = ["backend", "dequant", "qlinear", "qlinear_prepared", "prepare", "onebit_linear", "int8_linear",
+           "fake_quant_weight", "fake_quant_weight_grad",
            "kv_quantize_into", "kv_decode_attention", "KiviCache", "pack_int32", "unpack_int32",
            "packed_cols", "pack_signs", "unpack_signs", "reference", "ops"]
 
@@ -115,6 +120,25 @@ def qlinear_prepared(x, p, bias=None):
                                  p.group_size, p.in_features, bias)
     return ops.wq_linear(x, p.qweight, p.scales.to(x.dtype), p.zeros.to(x.dtype), p.bits, p.group_size,
                          p.in_features, bias)
+
+
+def fake_quant_weight(w, bits, group_size, symmetric, clip_max=1.0, clip_min=None, scale=None, zero=None,
+                      out_dtype=torch.bfloat16):
+    """QAT fake quantization of W [N, K] (float32): (Q(W) in out_dtype, scale, zero [N, G] float32)."""
+    gs = _group(group_size, w.shape[1])
+    if backend(w.device) == "torch":
+        return reference.fake_quant_weight(w, bits, gs, symmetric, clip_max, clip_min, scale, zero, out_dtype)
+    from .fakequant_triton import fake_quant_weight as _fq
+    return _fq(w, bits, gs, symmetric, clip_max, clip_min, scale, zero, out_dtype)
+
+
+def fake_quant_weight_grad(w, scale, zero, grad_w, bits, group_size, out_dtype=torch.bfloat16):
+    """Backward of :func:`fake_quant_weight` (STE): (Q(W) in out_dtype, grad_w float32 masked)."""
+    gs = _group(group_size, w.shape[1])
+    if backend(w.device) == "torch":
+        return reference.fake_quant_weight_grad(w, scale, zero, grad_w, bits, gs, out_dtype)
+    from .fakequant_triton import fake_quant_weight_grad as _fqg
+    return _fqg(w, scale, zero, grad_w, bits, gs, out_dtype)
 
 
 def onebit_linear(x, packed_signs, g, h, in_features, bias=None):

@@ -267,3 +267,41 @@ def kv_decode_attention(q: torch.Tensor, kq, k_scale, k_min, vq, v_scale, v_min,
     att = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
     p = torch.softmax(att, dim=-1)
     return torch.einsum("bht,bhtd->bhd", p, vals).to(q.dtype)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_max=1.0,
+                      clip_min=None, scale=None, zero=None, out_dtype=torch.bfloat16):
+    """Group-wise min-max fake quantization of W [N, K] for QAT: (Q(W) [N, K] out_dtype, scale, zero
+    [N, G] float32). Asymmetric: [min(w, 0) * clip_min, max(w, 0) * clip_max] onto [0, 2**bits - 1];
+    symmetric: zero 2**(bits-1), scale 2 * absmax * clip_max / (2**bits - 1). Given ``scale`` / ``zero``
+    are used as they are. Same float32 operations as ``qft.nn.quant.minmax_qparams`` + ``fake_quant``."""
+    n, k = w.shape
+    maxq = 2 ** bits - 1
+    g = w.float().reshape(n, k // group_size, group_size)
+    clip_min = clip_max if clip_min is None else clip_min
+    if scale is not None:
+        s, z = scale.float(), zero.float()
+    elif symmetric:
+        amax2 = 2 * (g.abs().amax(-1) * clip_max)
+        s = (amax2 / torch.full_like(amax2, float(maxq))).clamp_min(1e-8)  # IEEE division on CUDA too
+        z = torch.full_like(s, float(2 ** (bits - 1)))
+    else:
+        wmax = g.amax(-1).clamp_min(0) * clip_max
+        wmin = g.amin(-1).clamp_max(0) * clip_min
+        s = ((wmax - wmin) / torch.full_like(wmax, float(maxq))).clamp_min(1e-8)  # IEEE on CUDA too
+        z = torch.clamp(torch.round(-wmin / s), 0, maxq)
+    q = torch.div(g, s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1)).clamp_(0, maxq)
+    return q.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).reshape(n, k).to(out_dtype), s, z
+
+
+def fake_quant_weight_grad(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grad_w: torch.Tensor,
+                           bits: int, group_size: int, out_dtype=torch.bfloat16):
+    """Backward of :func:`fake_quant_weight` with the straight-through estimator: (Q(W) [N, K] out_dtype,
+    grad_w float32 zeroed where the code was clamped), recomputed from W and the forward's scale / zero."""
+    n, k = w.shape
+    maxq = 2 ** bits - 1
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    q = torch.div(w.float().reshape(n, k // group_size, group_size), s).round_().add_(z)
+    inside = (q >= 0).logical_and_(q <= maxq).reshape(n, k)
+    wq = q.clamp_(0, maxq).sub_(z).mul_(s).reshape(n, k).to(out_dtype)
+    return wq, torch.where(inside, grad_w.float(), 0.0)

@@ -36,6 +36,13 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def div_exact(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d rounded as IEEE division on every device (CUDA turns a division by a Python number into a
+    multiplication by its reciprocal, which can differ in the last bit), so GPU and CPU, the Triton QAT
+    kernels and the merge compute the same scales."""
+    return x / torch.full_like(x, float(d))
+
+
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, K // group_size, group_size]; raises a clear error if the size does not divide."""
     n, k = w.shape
@@ -58,12 +65,12 @@ def minmax_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         clip_min = clip_max
     if symmetric:
         amax = g.abs().amax(-1) * clip_max
-        scale = (2 * amax / maxq).clamp_min(1e-8)
+        scale = div_exact(2 * amax, maxq).clamp_min(1e-8)
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
         return scale, zero
     wmax = g.amax(-1).clamp_min(0) * clip_max
     wmin = g.amin(-1).clamp_max(0) * clip_min
-    scale = ((wmax - wmin) / maxq).clamp_min(1e-8)
+    scale = div_exact(wmax - wmin, maxq).clamp_min(1e-8)
     zero = torch.clamp(round_ste(-wmin / scale), 0, maxq)
     return scale, zero
 

@@ -34,6 +34,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from qft import kernels
 from qft.nn import QuantLinear, quant_linears
 from qft.nn import quant as Q
 
@@ -161,56 +162,46 @@ def _adapted_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
     return torch.addmm(w0.float(), b.float(), a.float(), alpha=scaling)
 
 
-def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int) -> torch.Tensor:
-    """round(w / s) + z per group, unclamped, [N, G, gs] float32 (one new buffer, the rest in place)."""
-    return torch.div(Q.group_view(w, gs), s.unsqueeze(-1)).round_().add_(z.unsqueeze(-1))
-
-
-def _dequant_(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
-    """In place: (clamp(q, 0, 2**bits - 1) - z) * s, flattened back to [N, K]."""
-    n = q.shape[0]
-    return q.clamp_(0, 2 ** bits - 1).sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).reshape(n, -1)
-
-
-def _qdq_mask(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, gs: int):
-    """(Q(w) [N, K], STE mask [N, K] bool: True where the code was not clamped), integer grid."""
-    q = _codes(w, s, z, gs)
-    mask = (q >= 0).logical_and_(q <= 2 ** bits - 1).reshape(w.shape)
-    return _dequant_(q, s, z, bits), mask
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on ``x`` computes in here: the autocast dtype when autocast is on."""
+    dt = x.device.type
+    return torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
 
 
 class _LoraInQuantizerFn(torch.autograd.Function):
     """y = x @ Q(W0 + s B A)^T + bias with the STE, saving only x, W0, A, B and the per-group
     (scale, zero) for backward.
 
-    The quantized weight and its clamp mask are recomputed in backward from the saved qparams, so
-    memory per layer is that of plain LoRA plus transient [N, K] buffers (autograd through
-    ``fake_quant`` would keep an fp32 copy and the mask of every layer until backward). The
-    arithmetic runs mostly in place on one [N, K] buffer: few full passes over the weight, few
-    kernel launches on a GPU."""
+    Q is :func:`qft.kernels.fake_quant_weight` (one Triton kernel on a GPU: min-max, round, clamp,
+    dequantize, cast to the compute dtype in one pass; the torch reference elsewhere), and the
+    backward's quantized weight and clamp mask are recomputed from the saved qparams by
+    :func:`qft.kernels.fake_quant_weight_grad` (one more pass, which also masks grad_W). Memory per
+    layer is that of plain LoRA plus transient [N, K] buffers; a GPU step launches ~4 kernels per
+    layer forward and ~8 backward instead of ~50 (the launches, not the bytes, bound a small model)."""
 
     @staticmethod
-    def forward(ctx, x, w0, a, b, bias, scaling, bits, gs, qfn):
+    def forward(ctx, x, w0, a, b, bias, scaling, qcfg):
+        bits, gs, symmetric, cmax, cmin, s0, z0 = qcfg
+        cdt = _compute_dtype(x)
         with torch.no_grad(), _fp32(x.device):
             w = _adapted_weight(w0, a, b, scaling)
-            s, z = qfn(w)
-            wq = _dequant_(_codes(w, s, z, gs), s, z, bits)
+            wq, s, z = kernels.fake_quant_weight(w, bits, gs, symmetric, cmax, cmin, s0, z0, out_dtype=cdt)
         ctx.save_for_backward(x, w0, a, b, s, z)
         ctx.cfg = (scaling, bits, gs)
-        return nn.functional.linear(x, wq.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return nn.functional.linear(x.to(cdt), wq, None if bias is None else bias.to(cdt))
 
     @staticmethod
     def backward(ctx, g):
         x, w0, a, b, s, z = ctx.saved_tensors
         scaling, bits, gs = ctx.cfg
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)  # GEMM in g's dtype
         with _fp32(x.device):
-            wq, mask = _qdq_mask(_adapted_weight(w0, a, b, scaling), s, z, bits, gs)
-        gx = g @ wq.to(g.dtype)
+            wq, gw = kernels.fake_quant_weight_grad(_adapted_weight(w0, a, b, scaling), s, z, gw, bits, gs, g.dtype)
+        gx = g @ wq
         del wq
-        gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(g.dtype)).float().mul_(mask)  # GEMM in x's dtype
         ga = torch.mm(b.float().t(), gw).mul_(scaling).to(a.dtype)
         gb = torch.mm(gw, a.float().t()).mul_(scaling).to(b.dtype)
-        return gx, None, ga, gb, None, None, None, None, None
+        return gx, None, ga, gb, None, None, None
 
 
 class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
@@ -281,12 +272,13 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
                 return Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
             return Q.codebook_qparams(w, base.scheme, base.bits, base.group_size)
 
-    def _qfn(self):
+    def _qcfg(self) -> tuple:
+        """The fused function's quantizer: (bits, group_size, symmetric, clip_max, clip_min, scale, zero);
+        scale / zero given only for ``fixed`` qparams."""
         base = self.get_base_layer()
         if self.qparams_mode == "fixed":
-            return lambda w: (base.scale, base.zero)
-        cmax, cmin = _clip_ratios(base)
-        return lambda w: Q.minmax_qparams(w, base.bits, base.group_size, base.symmetric, cmax, cmin)
+            return base.bits, base.group_size, base.symmetric, 1.0, 1.0, base.scale, base.zero
+        return (base.bits, base.group_size, base.symmetric, *_clip_ratios(base), None, None)
 
     def _weight(self) -> torch.Tensor:
         base = self.get_base_layer()
@@ -315,8 +307,7 @@ class QuantizerLoraLinear(_QuantLoraMixin, PeftLoraLinear):
         fused = self._fused_adapter()
         if fused is not None:
             return _LoraInQuantizerFn.apply(_act(base, x), base.weight, self.lora_A[fused].weight,
-                                            self.lora_B[fused].weight, base.bias, self.scaling[fused], base.bits,
-                                            base.group_size, self._qfn())
+                                            self.lora_B[fused].weight, base.bias, self.scaling[fused], self._qcfg())
         wq = self.quantized_weight().to(x.dtype)
         with _gathered(base.bias):
             bias = None if base.bias is None else base.bias.to(x.dtype).clone()
