@@ -12,7 +12,7 @@ small, the launches (not the bytes) set the step time. Here:
   (fp32) in the same pass.
 
 Bit-exact with the torch path (:func:`kernels.reference.fake_quant_weight`): the same float32
-operations in the same order, IEEE division (``div_rn``) and round-half-to-even (the 1.5 * 2**23 trick), so
+operations in the same order, no FMA contraction (``mul_rn``), IEEE division (``div_rn``) and round-half-to-even (the 1.5 * 2**23 trick), so
 the integers trained are the integers the (torch) merge exports. Each program takes ``BR``
 group-rows of the [N * G, gs] view; a group size that is not a power of two (per-channel 576)
 is padded with masked zeros, which change neither max(w, 0) nor min(w, 0).
@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ._util import alloc, next_pow2
+from ._util import alloc, interpreting, next_pow2
 
 
 @triton.jit
@@ -35,6 +36,17 @@ def _rint(x):
 
 
 @triton.jit
+def _mul(a, b, EXACT: tl.constexpr):
+    # a * b that the compiler may not contract with a following add into an FMA (NVPTX does that by
+    # default, and then max * clip - min * clip rounds differently from torch's two products); the CPU
+    # interpreter evaluates each op on its own and has no libdevice
+    if EXACT:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
 def _codes(w, s, z):
     return _rint(tl.math.div_rn(w, s)) + z
 
@@ -42,7 +54,7 @@ def _codes(w, s, z):
 @triton.jit
 def _fq_fwd_kernel(w_ptr, cmax_ptr, cmin_ptr, s_ptr, z_ptr, out_ptr, R, GS,
                    MAXQ: tl.constexpr, SYM: tl.constexpr, HAS_CLIP: tl.constexpr, GIVEN: tl.constexpr,
-                   BR: tl.constexpr, BG: tl.constexpr):
+                   BR: tl.constexpr, BG: tl.constexpr, EXACT: tl.constexpr):
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BG)
     rmask = rows < R
@@ -64,8 +76,11 @@ def _fq_fwd_kernel(w_ptr, cmax_ptr, cmin_ptr, s_ptr, z_ptr, out_ptr, R, GS,
             s = tl.maximum(tl.math.div_rn(2.0 * amax, MAXQ * 1.0), 1e-8)
             z = tl.zeros([BR], dtype=tl.float32) + (MAXQ + 1) // 2
         else:
-            wmax = tl.maximum(tl.max(w, axis=1), 0.0) * cmax
-            wmin = tl.minimum(tl.min(w, axis=1), 0.0) * cmin
+            wmax = tl.maximum(tl.max(w, axis=1), 0.0)
+            wmin = tl.minimum(tl.min(w, axis=1), 0.0)
+            if HAS_CLIP:
+                wmax = _mul(wmax, cmax, EXACT)
+                wmin = _mul(wmin, cmin, EXACT)
             s = tl.maximum(tl.math.div_rn(wmax - wmin, MAXQ * 1.0), 1e-8)
             z = tl.minimum(tl.maximum(_rint(tl.math.div_rn(-wmin, s)), 0.0), MAXQ * 1.0)
         tl.store(s_ptr + rows, s, mask=rmask)
@@ -121,7 +136,8 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
     out = alloc((n, k), out_dtype, w.device)
     bg, br = _tiles(group_size)
     _fq_fwd_kernel[(triton.cdiv(r, br),)](w, cmax, cmin, s, z, out, r, group_size, MAXQ=2 ** bits - 1,
-                                          SYM=bool(symmetric), HAS_CLIP=has_clip, GIVEN=given, BR=br, BG=bg)
+                                          SYM=bool(symmetric), HAS_CLIP=has_clip, GIVEN=given, BR=br, BG=bg,
+                                          EXACT=not interpreting())
     return out, s, z
 
 
