@@ -292,3 +292,39 @@ def test_time_limit_stops_training_and_the_job_still_exports(tmp_path):
 def test_override_reads_exponent_numbers():
     d = apply_overrides({}, ["learning_rate=2e-5", "a.b=1E3", "c=x.e5", "d=none", "e=3"])
     assert d == {"learning_rate": 2e-5, "a": {"b": 1000.0}, "c": "x.e5", "d": "none", "e": 3}
+
+
+def test_time_limit_runs_the_lr_schedule_on_the_clock(tmp_path):
+    """Under time_limit_s a cosine schedule is evaluated at max(step, elapsed / limit * max_steps): a run
+    slower than planned still decays to ~0 when the cap stops it; a checkpointed scheduler stays weights-only."""
+    import io
+    import time
+    from types import SimpleNamespace
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from qft.train.budget import WallClockLimit, clock_step
+    assert clock_step(10, 50.0, 100.0, 400) == 200 and clock_step(300, 50.0, 100.0, 400) == 300
+    assert clock_step(10, 500.0, 100.0, 400) == 400
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, 0, 100)
+    cb = WallClockLimit(100.0)
+    cb.on_train_begin(None, SimpleNamespace(max_steps=100), None, lr_scheduler=sched)
+    assert cb.followed
+    cb._t0 = time.perf_counter() - 50.0  # half the time gone after one step: the schedule is at step 50
+    opt.step()
+    sched.step()
+    assert abs(sched.get_last_lr()[0] - 0.5) < 0.02
+    cb._t0 = time.perf_counter() - 100.0  # the cap: the schedule is at its end
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr()[0] < 1e-3
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    off = WallClockLimit(100.0, follow_schedule=False)
+    sched2 = get_cosine_schedule_with_warmup(torch.optim.SGD([p], lr=1.0), 0, 100)
+    off.on_train_begin(None, SimpleNamespace(max_steps=100), None, lr_scheduler=sched2)
+    assert not off.followed
