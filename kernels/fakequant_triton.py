@@ -52,14 +52,19 @@ def _codes(w, s, z):
 
 
 @triton.jit
-def _fq_fwd_kernel(w_ptr, cmax_ptr, cmin_ptr, s_ptr, z_ptr, out_ptr, R, GS,
-                   MAXQ: tl.constexpr, SYM: tl.constexpr, HAS_CLIP: tl.constexpr, GIVEN: tl.constexpr,
-                   BR: tl.constexpr, BG: tl.constexpr, EXACT: tl.constexpr):
+def _tile(R, GS, BR: tl.constexpr, BG: tl.constexpr):
+    """This program's BR group-rows of the [R, GS] view: (rows, row mask, element mask, offsets)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BG)
     rmask = rows < R
-    m = rmask[:, None] & (cols[None, :] < GS)
-    offs = rows[:, None] * GS + cols[None, :]
+    return rows, rmask, rmask[:, None] & (cols[None, :] < GS), rows[:, None] * GS + cols[None, :]
+
+
+@triton.jit
+def _fq_fwd_kernel(w_ptr, cmax_ptr, cmin_ptr, s_ptr, z_ptr, out_ptr, R, GS,
+                   MAXQ: tl.constexpr, SYM: tl.constexpr, HAS_CLIP: tl.constexpr, GIVEN: tl.constexpr,
+                   BR: tl.constexpr, BG: tl.constexpr, EXACT: tl.constexpr):
+    rows, rmask, m, offs = _tile(R, GS, BR, BG)
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
     if GIVEN:
         s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
@@ -93,11 +98,7 @@ def _fq_fwd_kernel(w_ptr, cmax_ptr, cmin_ptr, s_ptr, z_ptr, out_ptr, R, GS,
 @triton.jit
 def _fq_bwd_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, gout_ptr, R, GS,
                    MAXQ: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, BG)
-    rmask = rows < R
-    m = rmask[:, None] & (cols[None, :] < GS)
-    offs = rows[:, None] * GS + cols[None, :]
+    rows, rmask, m, offs = _tile(R, GS, BR, BG)
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)[:, None]
     z = tl.load(z_ptr + rows, mask=rmask, other=0.0)[:, None]

@@ -328,3 +328,27 @@ def test_time_limit_runs_the_lr_schedule_on_the_clock(tmp_path):
     sched2 = get_cosine_schedule_with_warmup(torch.optim.SGD([p], lr=1.0), 0, 100)
     off.on_train_begin(None, SimpleNamespace(max_steps=100), None, lr_scheduler=sched2)
     assert not off.followed
+
+
+def test_torch_compile_trains_like_eager(tmp_path):
+    """TrainingArguments torch_compile=True (the GPU recipes set it): the compiled student's losses match
+    eager training of the same lora-in-quantizer model, and the merge stays exact."""
+    from qft.train.lora import merge_lora
+    teacher = tiny_llama()
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        student = _student(teacher)
+        ds, coll = _data()
+        tr = DistillTrainer(model=student, args=_args(tmp_path / str(compiled), max_steps=3, torch_compile=compiled),
+                            train_dataset=ds, data_collator=coll, teacher=teacher,
+                            distill=DistillArgs(loss="forward_kl"))
+        tr.train()
+        losses[compiled] = [h["loss"] for h in tr.state.log_history if "loss" in h]
+        x = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            before = student(input_ids=x).logits
+            after = merge_lora(student)(input_ids=x).logits
+        assert torch.equal(before, after)
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
