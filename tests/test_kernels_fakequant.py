@@ -7,7 +7,6 @@ on CPU); float32 outputs, scales, zeros and masks are bit-exact everywhere.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
