@@ -157,6 +157,25 @@ def test_recipe_validation_names_key_and_value():
     assert r.distill.loss_options() == {"temperature": 1.0, "beta": 0.5}
 
 
+def test_training_drops_the_short_last_batch_unless_told():
+    """A short last batch is a new shape (a dynamic-shape recompile under torch_compile): dropped by
+    default once the set holds a full batch on every rank; the recipe's own value wins."""
+    r = Recipe.from_dict({"per_device_train_batch_size": 16})
+    assert r.loader_defaults(5165) == {"dataloader_drop_last": True}
+    assert r.loader_defaults(20) == {"dataloader_drop_last": True}
+    assert r.loader_defaults(20, world_size=2) == {}  # 10 per rank < 16: keep the one short batch
+    assert r.loader_defaults(15) == {}
+    assert Recipe.from_dict({"dataloader_drop_last": False}).loader_defaults(10 ** 6) == {}
+    assert r.training_arguments(**r.loader_defaults(5165)).dataloader_drop_last is True
+    # the eval loader drops too: its batch divides the held-out set of a rank (32 -> 8, 6 -> 6, 2 x 7 -> 7)
+    assert r.loader_defaults(5165, n_eval=32)["per_device_eval_batch_size"] == 8
+    assert r.loader_defaults(5165, n_eval=6)["per_device_eval_batch_size"] == 6
+    assert r.loader_defaults(5165, world_size=2, n_eval=14)["per_device_eval_batch_size"] == 7
+    assert r.loader_defaults(5165, n_eval=11)["per_device_eval_batch_size"] == 1
+    assert "per_device_eval_batch_size" not in Recipe.from_dict(
+        {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 4}).loader_defaults(5165, n_eval=11)
+
+
 @pytest.mark.parametrize("mode,bf16", [("lora-in-quantizer", False), ("lora-in-quantizer", True), ("full", False)])
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode, bf16):
     """bf16=True: mixed-precision training (CPU autocast here, as on a GPU) must still merge exactly:

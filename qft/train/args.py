@@ -248,6 +248,26 @@ class Recipe:
                    eval=_from_dict(EvalArgs, blocks.get("eval"), "eval"),
                    export=_from_dict(ExportArgs, blocks.get("export"), "export"), train=train, **top)
 
+    def loader_defaults(self, n_train: int, world_size: int = 1, n_eval: int = 0) -> dict:
+        """TrainingArguments defaults that depend on the data: ``dataloader_drop_last=True`` unless the
+        recipe sets it or the training set is smaller than one batch on every rank. A short last batch
+        is a new input shape, and under ``torch_compile`` a new shape means a recompile with dynamic
+        shapes: on an H200 that stalled the SmolLM2 W3 QAT run for ~5 minutes at its first epoch
+        boundary (recipes/README.md, fifth run). The flag applies to the eval loader too, so the eval
+        batch (unless the recipe sets it) becomes the largest size <= 8 dividing the held-out
+        sequences of a rank: no held-out sequence is dropped."""
+        if "dataloader_drop_last" in self.train:
+            return {}
+        ws = max(1, world_size)
+        bs = int(self.train.get("per_device_train_batch_size", 8))
+        if n_train < bs * ws:
+            return {}
+        out = {"dataloader_drop_last": True}
+        per_rank = n_eval // ws
+        if per_rank and "per_device_eval_batch_size" not in self.train:
+            out["per_device_eval_batch_size"] = max(d for d in range(1, min(8, per_rank) + 1) if per_rank % d == 0)
+        return out
+
     def training_arguments(self, **extra):
         """transformers.TrainingArguments from the flat keys (bad values named by TrainingArguments)."""
         from transformers import TrainingArguments

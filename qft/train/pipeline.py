@@ -207,6 +207,8 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
             raise RecipeError(f"eval_strategy={targs.eval_strategy!r} needs held-out training sequences, but there "
                               f"are only {len(ds)}; raise selfgen.n or set eval_strategy: 'no'")
         _log(f"eval loss during training on {len(eval_ds)} held-out training sequences")
+    auto.update(recipe.loader_defaults(len(ds), targs.world_size, len(eval_ds) if eval_ds is not None else 0))
+    targs = recipe.training_arguments(**auto)
     sets = eval_sets(recipe, teacher, tok) if main else {}
     stages = set(recipe.eval.stages)
     results: dict = {}
