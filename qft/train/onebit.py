@@ -201,7 +201,7 @@ def run(recipe: Recipe, ob: OneBitArgs, device: str | None = None) -> dict:
     extra = {}
     if device.startswith("cuda") and not {"bf16", "fp16"} & set(recipe.train) and torch.cuda.is_bf16_supported():
         extra["bf16"] = True  # same recipe on CPU (fp32) and GPU (bf16 autocast) unless it says otherwise
-    extra.update(recipe.loader_defaults(len(dataset)))
+    extra.update(recipe.loader_defaults(len(dataset), recipe.training_arguments().world_size))
     targs = recipe.training_arguments(**extra)
     if ob.time_budget_s:
         sps = probe_seconds_per_step(student, teacher, recipe, ob, dataset, collator, bf16=targs.bf16)

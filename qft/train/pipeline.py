@@ -168,8 +168,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     targs = recipe.training_arguments()
     auto = {}
     if targs.device.type == "cuda" and not {"bf16", "fp16"} & set(recipe.train) and torch.cuda.is_bf16_supported():
-        auto["bf16"] = True  # same recipe on CPU (fp32) and GPU (bf16 autocast)
-        targs = recipe.training_arguments(**auto)
+        auto["bf16"] = True  # same recipe on CPU (fp32) and GPU (bf16 autocast); targs is rebuilt with it below
     main = targs.process_index == 0
     distributed = targs.world_size > 1
     if distributed and recipe.time_budget_s:
@@ -208,7 +207,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
                               f"are only {len(ds)}; raise selfgen.n or set eval_strategy: 'no'")
         _log(f"eval loss during training on {len(eval_ds)} held-out training sequences")
     auto.update(recipe.loader_defaults(len(ds), targs.world_size, len(eval_ds) if eval_ds is not None else 0))
-    targs = recipe.training_arguments(**auto)
+    targs = recipe.training_arguments(**auto)  # bf16 and the loader defaults
     sets = eval_sets(recipe, teacher, tok) if main else {}
     stages = set(recipe.eval.stages)
     results: dict = {}
