@@ -1,4 +1,4 @@
-"""QAT weight fake quantization (``kernels/fakequant_triton.py``) against the torch reference and
+"""QAT weight fake quantization (``qft/kernels/fakequant_triton.py``) against the torch reference and
 ``qft.nn.quant``: under TRITON_INTERPRET=1 on CPU (tests/conftest.py), compiled on a GPU. Outputs are
 poisoned (NaN) before every kernel run. The interpreter truncates float32 -> bfloat16 stores (a GPU
 rounds to nearest even), so bf16 outputs are compared bit-exactly only on a GPU (within one bf16 ulp

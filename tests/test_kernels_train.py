@@ -1,5 +1,5 @@
 """qlora training path and the in-loop-dequant tensor-core GEMM (``wq_gemm_tc``), on CPU under
-TRITON_INTERPRET=1 (tests/conftest.py) at small sizes against ``kernels/reference.py``; on a GPU
+TRITON_INTERPRET=1 (tests/conftest.py) at small sizes against ``qft/kernels/reference.py``; on a GPU
 machine the same tests run compiled. Outputs are poisoned (NaN) before every kernel run.
 """
 

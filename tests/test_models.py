@@ -2,10 +2,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from qft import models
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_missing_wheel_error_gives_install_command(monkeypatch):
@@ -23,10 +26,17 @@ def test_import_qft_is_light():
     assert r.stdout.strip() == "[]"
 
 
-def test_qft_kernels_imports_from_another_directory(tmp_path):
-    """qft.kernels comes from the top-level kernels/ through the package-dir mapping."""
-    code = "import qft.kernels as k, sys; print(k.__name__, hasattr(k, 'qlinear')); assert 'kernels' not in sys.modules"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+@pytest.mark.parametrize("where", ["tmp", "repo"])
+def test_qft_kernels_imports_from_anywhere(tmp_path, where):
+    """qft.kernels is a plain subpackage: importing it (and transformers, which probes for the PyPI
+    package named ``kernels``) works from the repo root too, where ``python -c`` puts the root first
+    on sys.path (a top-level kernels/ there once shadowed that package and broke transformers)."""
+    code = ("import importlib.util, sys; import qft.kernels as k; from transformers import AutoModelForCausalLM; "
+            "s = importlib.util.find_spec('kernels'); "
+            "assert s is None or not str(s.origin).startswith(sys.argv[1] + '/kernels/'), s.origin; "
+            "print(k.__name__, hasattr(k, 'qlinear'))")
+    cwd = tmp_path if where == "tmp" else ROOT
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd=cwd, timeout=120,
                        env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["qft.kernels", "True"]

@@ -3,7 +3,7 @@
 All functions are pure. A weight ``w`` is [N, K] (out, in); groups run along K with
 ``group_size`` columns each, so per-group parameters are [N, K // group_size] and per-channel is
 ``group_size = K``. Integers live in the unsigned domain u in [0, 2**bits) with dequantization
-(u - zero) * scale, the layout ``qft.kernels`` packs (see kernels/reference.py).
+(u - zero) * scale, the layout ``qft.kernels`` packs (see qft/kernels/reference.py).
 
 Rounding uses a straight-through estimator (STE): forward rounds, backward passes the gradient
 unchanged, so latent weights, scales, zero points (LSQ-style) and clipping factors
