@@ -349,15 +349,18 @@ def test_time_limit_runs_the_lr_schedule_on_the_clock(tmp_path):
     assert not off.followed
 
 
-def test_torch_compile_trains_like_eager(tmp_path):
+@pytest.mark.parametrize("qparams", ["dynamic", "lwc"])
+def test_torch_compile_trains_like_eager(tmp_path, qparams):
     """TrainingArguments torch_compile=True (the GPU recipes set it): the compiled student's losses match
-    eager training of the same lora-in-quantizer model, and the merge stays exact."""
+    eager training of the same lora-in-quantizer model (fused kernel path and the learned-clip path),
+    and the merge stays exact."""
     from qft.train.lora import merge_lora
     teacher = tiny_llama()
     losses = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        student = _student(teacher)
+        student = apply_lora(quantize_model(copy.deepcopy(teacher), "w4g64"), "lora-in-quantizer", r=4,
+                             qparams=qparams)
         ds, coll = _data()
         tr = DistillTrainer(model=student, args=_args(tmp_path / str(compiled), max_steps=3, torch_compile=compiled),
                             train_dataset=ds, data_collator=coll, teacher=teacher,
