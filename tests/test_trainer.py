@@ -206,6 +206,10 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, capsys, mode, bf16):
     assert (run / "model" / "config.json").is_file()
     res = json.loads((run / "results.json").read_text())
     assert res["timings"]["train_steps"] == 4
+    t = res["timings"]  # every stage timed; together they account for the whole run
+    stages = ("setup_s", "init_s", "eval_before_s", "train_s", "eval_after_s", "generate_export_s")
+    assert all(t[k] >= 0 for k in stages) and sum(t[k] for k in stages) <= t["total_s"] * 1.001
+    assert sum(t[k] for k in stages) > 0.5 * t["total_s"]
     assert [h["step"] for h in res["log_history"] if "eval_loss" in h] == [2, 4]  # eval loss on held-out sequences
     before, after = res["layer_error"]["before"], res["layer_error"]["after"]
     assert len(before) == len(after) == 7 * tiny_llama().config.num_hidden_layers

@@ -211,7 +211,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     sets = eval_sets(recipe, teacher, tok) if main else {}
     stages = set(recipe.eval.stages)
     results: dict = {}
-    timings: dict = {}
+    timings: dict = {"setup_s": time.time() - t_start}  # teacher, training data, evaluation sets
 
     t0 = time.time()
     calib = None if L.mode == "bnb-nf4" else calibration(recipe, ds, tok)
@@ -220,6 +220,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     _log(f"student: {spec.name} by {recipe.ptq.method} in {timings['init_s']:.1f}s")
     if spec.kv_bits:
         install_kv_quant(student, spec)
+    t0 = time.time()
     if main and "fp" in stages:
         results["fp"] = measure(teacher, sets, None, "fp")
     if main and "rtn" in stages:
@@ -237,6 +238,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         else:
             results["init"] = measure(student, sets, teacher, "init")
     err_before = layer_errors(teacher, student) if main else {}
+    timings["eval_before_s"] = time.time() - t0
     pristine = copy.deepcopy(student) if distributed else None
     eval_teacher = copy.deepcopy(teacher) if distributed else teacher
 
@@ -249,6 +251,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     _log(f"LoRA {L.mode} r={L.r}: {summary['trainable']:,} trainable, frozen base {summary['frozen_bytes'] / 2**20:.1f} MiB")
     if recipe.time_budget_s:
         from qft.train.budget import probe_seconds_per_step, steps_for_budget
+        t0 = time.time()
         pargs = recipe.training_arguments(max_steps=recipe.probe_steps, logging_steps=10 ** 6, disable_tqdm=True,
                                           report_to="none", eval_strategy="no", save_strategy="no", **auto)
         sps = probe_seconds_per_step(peft_model, lambda m, timer: DistillTrainer(
@@ -256,6 +259,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
             callbacks=[timer]), recipe.probe_steps)
         steps = steps_for_budget(recipe.time_budget_s, sps)
         timings["probe_seconds_per_step"] = sps
+        timings["probe_s"] = time.time() - t0  # includes torch.compile's first compilation
         _log(f"time budget {recipe.time_budget_s:.0f}s: probe {sps:.3f} s/step -> max_steps={steps}")
         targs = recipe.training_arguments(max_steps=steps, **auto)
     from qft.train.budget import time_limit_callbacks
@@ -274,6 +278,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     trainer.save_model(str(adapter_dir))
     if not main:
         return {}
+    t0 = time.time()
     if distributed:
         peft_model = _adapter_into(pristine, recipe, adapter_dir)
     peft_model = getattr(peft_model, "module", peft_model)
@@ -295,6 +300,7 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
     png = write_png(out / "report.png", trainer.state.log_history, err_before, err_after,
                     title=f"{recipe.model} {spec.name} {L.mode} {recipe.distill.loss}")
     _log(f"report: {png}" if png else "report.png skipped (pip install matplotlib)")
+    timings["eval_after_s"] = time.time() - t0  # before / after merge, the merge, layer errors, the PNG
     merge_delta = {}
     if "before_merge" in results and "after_merge" in results:
         for s in sets:
@@ -317,13 +323,17 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
         gens[p] = generate(merged, tok, p, max_new_tokens=32)
         _log(f"generate: {p!r} -> {gens[p]!r}")
     report["generations"] = gens
+    t0 = time.time()
     if recipe.export.enabled and L.mode != "bnb-nf4":
         from qft.export import save
         path = save(merged, out / "model", tokenizer=tok, format=recipe.export.format, overwrite=True,
                     report={k: report[k] for k in ("results", "merge", "protocol", "spec", "timings")})
         report["export"] = str(path)
         _log(f"exported -> {path}")
+    timings["generate_export_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
+    _log("time by stage: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()
+                                       if k.endswith("_s") and k != "total_s"))
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     table = format_table(results, protocol)
     print("\n" + table + f"\n(steps {timings['train_steps']}, train {timings['train_s']:.0f}s, "
