@@ -31,8 +31,8 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def _student(teacher, mode="lora-in-quantizer"):
-    return apply_lora(quantize_model(copy.deepcopy(teacher), "w4g64"), mode, r=4)
+def _student(teacher, mode="lora-in-quantizer", qparams="dynamic"):
+    return apply_lora(quantize_model(copy.deepcopy(teacher), "w4g64"), mode, r=4, qparams=qparams)
 
 
 def test_confidence_terms_hand_computed():
@@ -363,8 +363,7 @@ def test_torch_compile_trains_like_eager(tmp_path, qparams):
     losses = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        student = apply_lora(quantize_model(copy.deepcopy(teacher), "w4g64"), "lora-in-quantizer", r=4,
-                             qparams=qparams)
+        student = _student(teacher, qparams=qparams)
         ds, coll = _data()
         tr = DistillTrainer(model=student, args=_args(tmp_path / str(compiled), max_steps=3, torch_compile=compiled),
                             train_dataset=ds, data_collator=coll, teacher=teacher,

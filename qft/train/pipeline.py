@@ -318,12 +318,12 @@ def run_pipeline(recipe: Recipe, resume: str | bool | None = None) -> dict:
               "log_history": trainer.state.log_history,
               "layer_error": {"before": err_before, "after": err_after},
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    t0 = time.time()
     gens = {}
     for p in recipe.eval.generate:
         gens[p] = generate(merged, tok, p, max_new_tokens=32)
         _log(f"generate: {p!r} -> {gens[p]!r}")
     report["generations"] = gens
-    t0 = time.time()
     if recipe.export.enabled and L.mode != "bnb-nf4":
         from qft.export import save
         path = save(merged, out / "model", tokenizer=tok, format=recipe.export.format, overwrite=True,
