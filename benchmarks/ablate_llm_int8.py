@@ -26,27 +26,29 @@ TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 class AblatedInt8(torch.nn.Module):
-    """One linear under a variant of the LLM.int8() forward (``mode`` in full | paper | w8 | a8)."""
+    """One linear under a variant of the LLM.int8() forward (``mode`` in full | paper | w8 | a8);
+    ``full`` is qft's own ``mixed_int8_linear``."""
 
     def __init__(self, lin: torch.nn.Linear, mode: str, threshold: float):
         super().__init__()
         from qft.nn.int8 import quantize_weight_int8
         self.mode, self.threshold = mode, threshold
         self.w = lin.weight.detach().float()
-        wq, sw = quantize_weight_int8(self.w)
-        self.wd = wq.float() * sw[:, None]
+        self.wq, self.sw = quantize_weight_int8(self.w)
+        self.wd = self.wq.float() * self.sw[:, None]
 
     def forward(self, x):
-        from qft.nn.int8 import quantize_rows_int8
+        from qft.nn.int8 import mixed_int8_linear, quantize_rows_int8
+        if self.mode == "full":  # the shipped forward (Int8MixedLinear's)
+            return mixed_int8_linear(x, self.wq, self.sw, self.threshold)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.mode == "w8":
             return (x2 @ self.wd.t()).to(x.dtype).reshape(*shape[:-1], -1)
         cols = (x2.abs() >= self.threshold).any(0) if self.threshold > 0 else torch.zeros_like(x2[0], dtype=torch.bool)
         q, sx = quantize_rows_int8(x2.masked_fill(cols, 0.0))
-        w_in = self.w if self.mode == "a8" else self.wd
-        w_out = self.w if self.mode in ("a8", "paper") else self.wd
-        y = (q.float() * sx[:, None]) @ w_in.t() + x2[:, cols] @ w_out[:, cols].t()
+        w_in = self.w if self.mode == "a8" else self.wd  # paper: int8 W for the int8 part, float W for outliers
+        y = (q.float() * sx[:, None]) @ w_in.t() + x2[:, cols] @ self.w[:, cols].t()
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
